@@ -1,0 +1,374 @@
+"""``LocalBackend``: one machine, OS processes, clearway's gateway.
+
+Each pass of ``apply``:
+
+1. turns every wanted (revision, component, index) into a ``ReplicaSpec`` with a
+   stable id ``<revision>-<component>-<index>`` and starts the ones not running;
+2. marks running replicas that are no longer wanted as *draining*;
+3. builds the gateway's route table from *ready*, non-draining replicas and, if
+   it changed, publishes it under a new generation;
+4. stops a draining replica only once the gateway reports a generation at least
+   the one that removed it — so no request is ever routed to a stopping
+   process, which is what makes deploys and scale-downs zero-downtime.
+
+Stops run as named tasks (SIGTERM, drain, SIGKILL after the grace period can
+take seconds) so a pass never blocks on them; ``close`` awaits them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clearway.backends.base import (
+    ComponentObservation,
+    DesiredState,
+    ReplicaInfo,
+    RevisionObservation,
+    Workload,
+)
+from clearway.backends.local.gateway import GatewayProcess
+from clearway.backends.local.records import ReplicaRecords
+from clearway.runtime import (
+    ReplicaSpec,
+    ReplicaState,
+    ReplicaStatus,
+    Supervisor,
+    follow_log,
+    tail_log,
+)
+from clearway.spec.model import AppSpec, ServiceSpec
+
+log = logging.getLogger("clearway.backends.local")
+
+#: The header that pins a request to one revision (previews, canary checks).
+PIN_HEADER = "x-clearway-revision"
+
+#: How long a restarted control plane waits for adopted replicas' first probes.
+ADOPT_SETTLE_TIMEOUT = 10.0
+
+_FAILED_STATES = {ReplicaState.CRASHLOOP, ReplicaState.FAILED}
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    home: Path
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    domains: tuple[str, ...] = ("localhost",)
+    #: Given to every replica as CLEARWAY_CONTROL_URL: its channel to the control plane.
+    control_url: str | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+class LocalBackend:
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
+        self.home = config.home
+        (self.home / "replicas").mkdir(parents=True, exist_ok=True)
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        self.records = ReplicaRecords(self.home / "state.db")
+        self.gateway = GatewayProcess(self.home, host=config.gateway_host, port=config.gateway_port)
+        self.supervisor = Supervisor(on_change=self._on_change)
+        self._specs: dict[str, ReplicaSpec] = {}
+        self._statuses: dict[str, ReplicaStatus] = {}
+        self._draining: dict[str, int] = {}
+        self._stopping: dict[str, asyncio.Task[None]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._wanted: dict[str, dict[str, int]] = {}
+        self._workloads: dict[str, Workload] = {}
+        self._routes: list[dict[str, Any]] | None = None
+        self._generation = 0
+        self._changed = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            self._generation = int(json.loads(self.gateway.routes_path.read_text()).get("generation", 0))
+        except (OSError, ValueError):
+            self._generation = 0
+        await self.gateway.start_or_adopt(self._table([]))
+        adopted_ids: list[str] = []
+        for record in self.records.all():
+            self._specs[record.spec.replica_id] = record.spec
+            adopted = False
+            if record.pid is not None:
+                adopted = await self.supervisor.adopt(
+                    record.spec, pid=record.pid, pid_start_time=record.pid_start_time, port=record.port
+                )
+            if adopted:
+                log.info("re-adopted replica %s (pid %s)", record.spec.replica_id, record.pid)
+                adopted_ids.append(record.spec.replica_id)
+            else:
+                log.info("replica %s is gone; it will be started again if still wanted", record.spec.replica_id)
+                self.records.delete(record.spec.replica_id)
+                del self._specs[record.spec.replica_id]
+        # Publish no route table until adopted replicas have answered a probe:
+        # an early table would show them as not ready and hold their traffic.
+        await self._settled(adopted_ids, limit=ADOPT_SETTLE_TIMEOUT)
+
+    async def _settled(self, replica_ids: list[str], *, limit: float) -> None:
+        async def wait() -> None:
+            while any(
+                (s := self._statuses.get(r)) is None or s.state is ReplicaState.STARTING for r in replica_ids
+            ):
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(wait(), limit)
+        except TimeoutError:
+            log.warning("some adopted replicas did not answer their probes within %.0fs", limit)
+
+    async def close(self, *, stop_workloads: bool) -> None:
+        for task in list(self._stopping.values()):
+            await task
+        await self.supervisor.close(stop_replicas=stop_workloads)
+        if stop_workloads:
+            await self.gateway.stop()
+            self.records.close()
+        await self.gateway.close()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """``callback`` runs (synchronously) whenever a replica changes state."""
+        self._listeners.append(callback)
+
+    def _on_change(self, status: ReplicaStatus) -> None:
+        self._statuses[status.replica_id] = status
+        self._changed.set()
+        self.records.put_status(status)
+        for callback in self._listeners:
+            callback()
+
+    # -- desired state ----------------------------------------------------------
+    def _replica_spec(self, workload: Workload, component: str, index: int) -> ReplicaSpec:
+        comp = workload.spec.component(component)
+        replica_id = f"{workload.revision}-{component}-{index}"
+        env = {**workload.env, **comp.env, **self.config.extra_env}
+        if self.config.control_url:
+            env["CLEARWAY_CONTROL_URL"] = self.config.control_url
+        is_service = isinstance(comp, ServiceSpec)
+        return ReplicaSpec(
+            replica_id=replica_id,
+            app=workload.app,
+            revision=workload.revision,
+            component=component,
+            index=index,
+            kind="service" if is_service else "worker",
+            code_dir=workload.code_dir,
+            app_file=workload.app_file,
+            workdir=self.home / "replicas" / replica_id,
+            log_path=self.home / "logs" / workload.app / f"{replica_id}.log",
+            env=env,
+            health_path=comp.health if isinstance(comp, ServiceSpec) else None,
+            interface=comp.interface if isinstance(comp, ServiceSpec) else "auto",
+            grace_period=comp.grace_period,
+            memory_mb=comp.resources.memory_mb,
+            cpu=comp.resources.cpu,
+            sandbox=comp.sandbox,
+            startup_timeout=comp.startup_timeout,
+        )
+
+    async def apply(self, desired: DesiredState) -> None:
+        wanted: dict[str, ReplicaSpec] = {}
+        self._workloads = {w.revision: w for w in desired.workloads}
+        self._wanted = {w.revision: dict(w.replicas) for w in desired.workloads}
+        for workload in desired.workloads:
+            for component, count in workload.replicas.items():
+                for index in range(count):
+                    spec = self._replica_spec(workload, component, index)
+                    wanted[spec.replica_id] = spec
+
+        for replica_id, spec in wanted.items():
+            self._draining.pop(replica_id, None)
+            if replica_id in self._specs or replica_id in self._stopping:
+                continue
+            self._specs[replica_id] = spec
+            self.records.put_spec(spec)
+            spec.workdir.mkdir(parents=True, exist_ok=True)
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("starting replica %s", replica_id)
+            await self.supervisor.start(spec)
+
+        for replica_id in list(self._specs):
+            if replica_id not in wanted and replica_id not in self._draining:
+                self._draining[replica_id] = self._generation + 1
+
+        await self._publish(desired)
+
+        if self._draining:
+            loaded = await self.gateway.generation()
+            for replica_id, needed in list(self._draining.items()):
+                if loaded is not None and loaded >= needed:
+                    del self._draining[replica_id]
+                    self._stop_later(replica_id)
+
+    def _stop_later(self, replica_id: str) -> None:
+        async def stop() -> None:
+            try:
+                await self.supervisor.stop(replica_id)
+            except Exception:
+                log.exception("stopping replica %s failed", replica_id)
+            finally:
+                self._specs.pop(replica_id, None)
+                self._statuses.pop(replica_id, None)
+                self.records.delete(replica_id)
+                self._stopping.pop(replica_id, None)
+
+        log.info("stopping drained replica %s", replica_id)
+        self._stopping[replica_id] = asyncio.create_task(stop(), name=f"stop-replica:{replica_id}")
+
+    # -- routes -----------------------------------------------------------------
+    def _endpoints(self, revision: str, component: str) -> list[str]:
+        endpoints = []
+        for replica_id, spec in self._specs.items():
+            if spec.revision != revision or spec.component != component or replica_id in self._draining:
+                continue
+            status = self._statuses.get(replica_id)
+            if status is not None and status.state is ReplicaState.READY and status.port:
+                endpoints.append(f"127.0.0.1:{status.port}")
+        return sorted(endpoints)
+
+    def _build_routes(self, desired: DesiredState) -> list[dict[str, Any]]:
+        routes: dict[tuple[str, str], dict[str, Any]] = {}
+        for app, targets in sorted(desired.traffic.items()):
+            for target in targets:
+                workload = self._workloads.get(target.revision)
+                if workload is None:
+                    continue
+                for service in workload.spec.services:
+                    if not service.public:
+                        continue
+                    route = routes.setdefault(
+                        (app, service.path),
+                        {
+                            "app": app,
+                            "host": app,
+                            "prefix": service.path,
+                            "strip_prefix": False,
+                            "timeout": service.timeout,
+                            "pin_header": PIN_HEADER,
+                            "targets": [],
+                        },
+                    )
+                    route["targets"].append(
+                        {
+                            "revision": target.revision,
+                            "weight": target.weight,
+                            "endpoints": self._endpoints(target.revision, service.name),
+                        }
+                    )
+        return list(routes.values())
+
+    def _table(self, routes: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "generation": self._generation,
+            "domains": list(self.config.domains),
+            "routes": routes,
+        }
+
+    async def _publish(self, desired: DesiredState) -> None:
+        routes = self._build_routes(desired)
+        if routes == self._routes:
+            return
+        self._generation += 1
+        self._routes = routes
+        self.gateway.write_routes(self._table(routes))
+        self.gateway.reload()
+
+    # -- observation ------------------------------------------------------------
+    def observe(self) -> Mapping[str, RevisionObservation]:
+        result: dict[str, RevisionObservation] = {}
+        for revision, wanted in self._wanted.items():
+            components: dict[str, ComponentObservation] = {}
+            for component, count in wanted.items():
+                ready, error = 0, None
+                for index in range(count):
+                    status = self._statuses.get(f"{revision}-{component}-{index}")
+                    if status is None:
+                        continue
+                    if status.state is ReplicaState.READY:
+                        ready += 1
+                    elif status.state in _FAILED_STATES and error is None:
+                        error = status.last_error or f"replica {status.replica_id} is {status.state.value}"
+                components[component] = ComponentObservation(desired=count, ready=ready, error=error)
+            result[revision] = RevisionObservation(revision=revision, components=components)
+        return result
+
+    def replicas(self, app: str) -> list[ReplicaInfo]:
+        infos = []
+        for replica_id, spec in sorted(self._specs.items()):
+            if spec.app != app:
+                continue
+            status = self._statuses.get(replica_id)
+            state = status.state.value if status else "pending"
+            if replica_id in self._draining or replica_id in self._stopping:
+                state = "draining"
+            infos.append(
+                ReplicaInfo(
+                    id=replica_id,
+                    revision=spec.revision,
+                    component=spec.component,
+                    state=state,
+                    pid=status.pid if status else None,
+                    endpoint=f"127.0.0.1:{status.port}" if status and status.port else None,
+                    restarts=status.restarts if status else 0,
+                    error=status.last_error if status else None,
+                )
+            )
+        return infos
+
+    def urls(self, spec: AppSpec) -> list[str]:
+        port = "" if self.config.gateway_port == 80 else f":{self.config.gateway_port}"
+        urls = []
+        for service in spec.services:
+            if service.public:
+                path = service.path if service.path.endswith("/") else service.path + "/"
+                urls.append(f"http://{spec.name}.{self.config.domains[0]}{port}{path}")
+        return urls
+
+    async def logs(
+        self, app: str, *, revision: str | None, component: str | None, tail: int, follow: bool
+    ) -> AsyncIterator[str]:
+        specs = [
+            s
+            for s in self._specs.values()
+            if s.app == app
+            and (revision is None or s.revision == revision)
+            and (component is None or s.component == component)
+        ]
+        if not specs:
+            # Nothing running (e.g. a failed deploy): show the newest logs on disk.
+            folder = self.home / "logs" / app
+            paths = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)[-3:] if folder.exists() else []
+            for path in paths:
+                for line in tail_log(path, tail):
+                    yield f"[{path.stem}] {line}"
+            return
+        for spec in sorted(specs, key=lambda s: s.replica_id):
+            for line in tail_log(spec.log_path, tail):
+                yield f"[{spec.replica_id}] {line}"
+        if follow:
+            queue: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
+
+            async def pump(spec: ReplicaSpec) -> None:
+                async for line in follow_log(spec.log_path):
+                    await queue.put(f"[{spec.replica_id}] {line}")
+
+            tasks = [asyncio.create_task(pump(s), name=f"follow-log:{s.replica_id}") for s in specs]
+            try:
+                while True:
+                    yield await queue.get()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def metrics(self) -> str:
+        return await self.gateway.metrics()

@@ -1,0 +1,185 @@
+"""The gateway as a child process of the control plane — but not a dependent one.
+
+The gateway runs in its own session with its output in a log file (not a pipe),
+so a crash of the control plane never interrupts traffic. Its pid and start
+time are recorded in ``gateway.json``; a restarted control plane adopts the
+running gateway when the pid still names the same process (start time matches)
+and it listens where it should, and starts a new one otherwise.
+
+Routes reach it as a file written atomically (write, fsync, rename) followed by
+SIGHUP; the gateway reports the generation it has loaded on its admin socket,
+which is how the backend knows when it is safe to stop a drained replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clearway.exceptions import RuntimeStartError
+from clearway.runtime.process import is_alive, read_start_time
+
+#: How long a fresh gateway may take to answer on its admin socket.
+START_TIMEOUT = 20.0
+
+
+class GatewayProcess:
+    def __init__(self, home: Path, *, host: str, port: int, python: str = sys.executable) -> None:
+        self.home = home
+        self.host = host
+        self.port = port
+        self.python = python
+        self.routes_path = home / "routes.json"
+        self.admin_socket = home / "gateway.sock"
+        self.log_path = home / "logs" / "gateway.log"
+        self.access_log = home / "logs" / "access.log"
+        self.record_path = home / "gateway.json"
+        self.pid: int | None = None
+        self._client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.admin_socket)),
+            base_url="http://gateway",
+            timeout=5.0,
+        )
+
+    async def start_or_adopt(self, initial_routes: dict[str, Any]) -> None:
+        if self._adopt():
+            self.reload()
+            return
+        if not self.routes_path.exists():
+            self.write_routes(initial_routes)
+        await self._start()
+
+    def _adopt(self) -> bool:
+        try:
+            record = json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            return False
+        pid, start = record.get("pid"), record.get("start_time")
+        if not isinstance(pid, int) or not is_alive(pid, start):
+            return False
+        if (record.get("host"), record.get("port")) != (self.host, self.port):
+            # The platform was restarted on another port: replace the gateway.
+            os.kill(pid, signal.SIGTERM)
+            return False
+        self.pid = pid
+        return True
+
+    async def _start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.admin_socket.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [
+                    self.python,
+                    "-m",
+                    "clearway.gateway",
+                    "--listen",
+                    f"{self.host}:{self.port}",
+                    "--routes",
+                    str(self.routes_path),
+                    "--admin-socket",
+                    str(self.admin_socket),
+                    "--access-log",
+                    str(self.access_log),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise RuntimeStartError(self._failure_text(code))
+            if await self._healthy():
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeStartError(
+                    f"the gateway did not come up within {START_TIMEOUT:.0f}s; see {self.log_path}"
+                )
+            await asyncio.sleep(0.05)
+        self.pid = proc.pid
+        # The gateway outlives us if we crash; while we are its parent, a daemon
+        # thread reaps it so that it never lingers as a zombie that looks alive.
+        threading.Thread(target=proc.wait, name="gateway-reaper", daemon=True).start()
+        self.record_path.write_text(
+            json.dumps(
+                {"pid": proc.pid, "start_time": read_start_time(proc.pid), "host": self.host, "port": self.port}
+            )
+        )
+
+    def _failure_text(self, code: int) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        last = next((line for line in reversed(lines) if line.strip()), "")
+        if code == 3 and last:
+            return last
+        return f"the gateway exited with code {code}: {last or 'see ' + str(self.log_path)}"
+
+    async def _healthy(self) -> bool:
+        if not self.admin_socket.exists():
+            return False
+        try:
+            response = await self._client.get("/healthz")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def write_routes(self, table: dict[str, Any]) -> None:
+        tmp = self.routes_path.with_suffix(".tmp")
+        with tmp.open("w") as handle:
+            json.dump(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.routes_path)
+
+    def reload(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGHUP)
+
+    async def generation(self) -> int | None:
+        try:
+            response = await self._client.get("/routes")
+            return int(response.json()["generation"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    async def metrics(self) -> str:
+        try:
+            response = await self._client.get("/metrics")
+        except httpx.HTTPError as exc:
+            return f"# the gateway did not answer: {exc}\n"
+        return response.text
+
+    async def stop(self) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while is_alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if is_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        self.record_path.unlink(missing_ok=True)
+        self.pid = None
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,284 @@
+"""The control plane's REST API (FastAPI, so the OpenAPI document is generated
+from the same code that serves it: ``GET /openapi.json``).
+
+Every route under ``/v1`` but ``/v1/health`` needs ``Authorization: Bearer
+<token>``; the token is created on first start (see ``control.token``). Errors
+are JSON ``{"error": ..., "details": ..., "location": ...}`` whose ``error``
+says what to do, because the CLI prints it as it is.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import tarfile
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import clearway
+from clearway.backends.base import Backend
+from clearway.control.reconciler import Reconciler, desired_replicas
+from clearway.control.revisions import RevisionBuilder
+from clearway.control.store import Revision, RevisionState, Store
+from clearway.exceptions import APIError
+from clearway.spec.model import json_schema
+
+log = logging.getLogger("clearway.control")
+
+#: Largest code upload accepted by ``POST /v1/deploy``.
+MAX_UPLOAD = 256 * 1024 * 1024
+
+
+class ScaleRequest(BaseModel):
+    component: str
+    replicas: Annotated[int, Field(ge=0, le=1000)]
+
+
+class RollbackRequest(BaseModel):
+    revision: str | None = None
+
+
+def _error(status: int, message: str, *, details: str | None = None, location: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "details": details, "location": location}, status_code=status)
+
+
+def create_api(
+    *,
+    store: Store,
+    backend: Backend,
+    reconciler: Reconciler,
+    builder: RevisionBuilder,
+    token: str,
+    on_shutdown: Callable[[], None],
+) -> FastAPI:
+    api = FastAPI(
+        title="clearway control plane",
+        version=clearway.__version__,
+        description="Deploy, scale, roll back and observe apps. Authenticate with `Authorization: Bearer <token>` (the token is in $CLEARWAY_HOME/token).",
+    )
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc.status, exc.message, details=exc.details)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(422, f"invalid request: {problems}")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    async def authenticate(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise APIError(
+                401,
+                "missing or wrong API token: send `Authorization: Bearer <token>` with the token "
+                "from $CLEARWAY_HOME/token (the clearway CLI does this for you)",
+            )
+
+    auth = [Depends(authenticate)]
+
+    def need_app(name: str) -> None:
+        if store.app(name) is None:
+            known = ", ".join(a.name for a in store.apps()) or "none yet"
+            raise APIError(404, f"no app named {name!r} (apps: {known}); `clearway status` lists them")
+
+    def app_view(name: str) -> dict[str, Any]:
+        record = store.app(name)
+        assert record is not None
+        revisions = store.revisions(name)
+        active = next((r for r in revisions if r.state is RevisionState.ACTIVE), None)
+        observed = backend.observe()
+        spec = active.spec if active else (revisions[-1].spec if revisions else None)
+        components = []
+        if active is not None:
+            wanted = desired_replicas(active, record.scale)
+            obs = observed.get(active.id)
+            for comp in active.spec.components:
+                seen = obs.components.get(comp.name) if obs else None
+                components.append(
+                    {
+                        "name": comp.name,
+                        "kind": comp.kind,
+                        "desired": wanted[comp.name],
+                        "ready": seen.ready if seen else 0,
+                    }
+                )
+        return {
+            "name": name,
+            "active_revision": active.id if active else None,
+            "urls": backend.urls(spec) if spec and active else [],
+            "components": components,
+            "revisions": [_revision_view(r, observed) for r in revisions],
+            "replicas": [r.to_json() for r in backend.replicas(name)],
+            "events": store.events(name),
+        }
+
+    def _revision_view(rev: Revision, observed: Any) -> dict[str, Any]:
+        view = rev.to_json()
+        del view["spec"]
+        obs = observed.get(rev.id)
+        view["components"] = (
+            {n: {"desired": c.desired, "ready": c.ready} for n, c in obs.components.items()}
+            if obs
+            else {}
+        )
+        return view
+
+    @api.get("/v1/health", tags=["platform"])
+    async def health() -> dict[str, str]:
+        """Liveness of the control plane (no token needed)."""
+        return {"status": "ok", "version": clearway.__version__}
+
+    @api.get("/v1/schema", tags=["platform"])
+    async def schema() -> dict[str, Any]:
+        """The JSON Schema of the app spec."""
+        return json_schema()
+
+    @api.post("/v1/deploy", status_code=202, dependencies=auth, tags=["apps"])
+    async def deploy(
+        request: Request,
+        app_file: str = "app.py",
+        env: Annotated[list[str] | None, Query()] = None,
+    ) -> dict[str, Any]:
+        """Upload a project (gzipped tar) and start a new revision from it.
+
+        Returns at once with the revision id; poll ``GET /v1/revisions/{id}``
+        until its state is ``active`` or ``failed``.
+        """
+        pairs: dict[str, str] = {}
+        for item in env or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise APIError(422, f"env {item!r} is not KEY=VALUE")
+            pairs[key] = value
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > MAX_UPLOAD:
+                raise APIError(413, f"the project is larger than {MAX_UPLOAD // 2**20} MiB: exclude data and virtualenvs (a .clearwayignore file lists what to leave out)")
+        try:
+            archive = tarfile.open(fileobj=io.BytesIO(bytes(body)), mode="r:gz")  # noqa: SIM115 - the builder closes it
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise APIError(400, f"the upload is not a gzipped tar archive ({exc}); use `clearway deploy`") from None
+        revision = await builder.build(archive, app_file=app_file, env=pairs)
+        reconciler.poke()
+        return {"revision": revision.id, "app": revision.app, "state": revision.state.value}
+
+    @api.get("/v1/apps", dependencies=auth, tags=["apps"])
+    async def list_apps() -> list[dict[str, Any]]:
+        """Every app with its serving revision, URLs and readiness."""
+        return [app_view(a.name) for a in store.apps()]
+
+    @api.get("/v1/apps/{name}", dependencies=auth, tags=["apps"])
+    async def get_app(name: str) -> dict[str, Any]:
+        need_app(name)
+        return app_view(name)
+
+    @api.delete("/v1/apps/{name}", dependencies=auth, tags=["apps"])
+    async def delete_app(name: str) -> dict[str, str]:
+        """Stop every replica of the app and forget it."""
+        need_app(name)
+        store.delete_app(name)
+        reconciler.poke()
+        await reconciler.wait_pass()
+        return {"deleted": name}
+
+    @api.get("/v1/revisions/{rev_id}", dependencies=auth, tags=["apps"])
+    async def get_revision(rev_id: str) -> dict[str, Any]:
+        rev = store.revision(rev_id)
+        if rev is None:
+            raise APIError(404, f"no revision {rev_id!r}; `clearway status APP` lists an app's revisions")
+        return _revision_view(rev, backend.observe()) | {"spec": rev.spec.model_dump(mode="json")}
+
+    @api.post("/v1/apps/{name}/scale", dependencies=auth, tags=["apps"])
+    async def scale(name: str, body: ScaleRequest) -> dict[str, Any]:
+        """Set a component's replica count; it sticks across deploys."""
+        need_app(name)
+        revs = store.revisions(name, states={RevisionState.ACTIVE, RevisionState.STARTING})
+        known = {c.name for r in revs for c in r.spec.components}
+        if body.component not in known:
+            raise APIError(
+                404,
+                f"app {name!r} has no component {body.component!r} (components: {', '.join(sorted(known)) or 'none'})",
+            )
+        store.set_scale(name, body.component, body.replicas)
+        store.add_event(name, f"scaled {body.component} to {body.replicas}")
+        reconciler.poke()
+        return {"app": name, "component": body.component, "replicas": body.replicas}
+
+    @api.post("/v1/apps/{name}/rollback", status_code=202, dependencies=auth, tags=["apps"])
+    async def rollback(name: str, body: RollbackRequest | None = None) -> dict[str, Any]:
+        """Bring back an earlier revision (default: the one before the active one)."""
+        need_app(name)
+        revisions = store.revisions(name)
+        active = next((r for r in revisions if r.state is RevisionState.ACTIVE), None)
+        if body is not None and body.revision:
+            target = next((r for r in revisions if r.id == body.revision or str(r.number) == body.revision), None)
+            if target is None:
+                raise APIError(404, f"app {name!r} has no revision {body.revision!r}; `clearway status {name}` lists them")
+            if target.state is RevisionState.FAILED:
+                raise APIError(409, f"revision {target.id} failed to start before: pick another one")
+        else:
+            candidates = [
+                r
+                for r in revisions
+                if r.state is RevisionState.RETIRED and r.activated_at is not None
+                and (active is None or r.number != active.number)
+            ]
+            if active is not None:
+                candidates = [r for r in candidates if (r.activated_at or 0) <= (active.activated_at or 0)]
+            if not candidates:
+                raise APIError(409, f"app {name!r} has no earlier revision that served traffic to roll back to")
+            target = max(candidates, key=lambda r: r.activated_at or 0)
+        if target.state is RevisionState.ACTIVE:
+            raise APIError(409, f"revision {target.id} is already serving")
+        store.restart_revision(target.id)
+        reconciler.poke()
+        return {"revision": target.id, "app": name, "state": RevisionState.STARTING.value}
+
+    @api.get("/v1/apps/{name}/logs", dependencies=auth, tags=["apps"], response_class=PlainTextResponse)
+    async def logs(
+        name: str,
+        follow: bool = False,
+        tail: Annotated[int, Query(ge=0, le=100_000)] = 100,
+        component: str | None = None,
+        revision: str | None = None,
+    ) -> Response:
+        """Replica logs, each line prefixed with the replica id; ``follow`` streams."""
+        need_app(name)
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for line in backend.logs(name, revision=revision, component=component, tail=tail, follow=follow):
+                yield (line if line.endswith("\n") else line + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+    @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Gateway metrics per revision, in Prometheus text format."""
+        return PlainTextResponse(await backend.metrics(), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/shutdown", dependencies=auth, tags=["platform"])
+    async def shutdown() -> dict[str, str]:
+        """Stop every app, the gateway and the control plane (``clearway down``)."""
+        on_shutdown()
+        return {"status": "stopping"}
+
+    return api
+
+
+__all__ = ["create_api"]

@@ -1,0 +1,129 @@
+"""The reconcile loop: desired state (store) → backend, observations → lifecycle.
+
+Level-triggered and idempotent: each pass reads the whole desired state from
+the store, hands it to the backend, then advances revision lifecycles from what
+the backend observes:
+
+* a ``STARTING`` revision whose replicas are all ready becomes ``ACTIVE`` and
+  the previously active one retires (the backend drains it only after the
+  gateway has switched traffic);
+* a ``STARTING`` revision that reports an error, or is not ready within its
+  startup timeout, becomes ``FAILED`` and its replicas stop — the active
+  revision was never touched, so it kept serving throughout.
+
+Because nothing lives only in memory, a control plane killed mid-deploy resumes
+the deploy where it left off after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from clearway.backends.base import Backend, DesiredState, TrafficTarget, Workload
+from clearway.control.store import Revision, RevisionState, Store
+
+log = logging.getLogger("clearway.control")
+
+#: Extra time beyond a component's own startup timeout before a deploy fails.
+STARTUP_MARGIN = 5.0
+
+
+def desired_replicas(revision: Revision, scale: dict[str, int]) -> dict[str, int]:
+    return {c.name: scale.get(c.name, c.replicas) for c in revision.spec.components}
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.interval = interval
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._passes = 0
+        self._pass_done = asyncio.Condition()
+
+    def poke(self) -> None:
+        """Ask for a pass soon (after any API change)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.reconcile_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+
+    async def wait_pass(self) -> None:
+        """Wait for the next complete pass (used by the API for read-your-writes)."""
+        async with self._pass_done:
+            target = self._passes + 1
+            await self._pass_done.wait_for(lambda: self._passes >= target)
+
+    def desired_state(self) -> DesiredState:
+        scales = {a.name: a.scale for a in self.store.apps()}
+        running = self.store.revisions(states={RevisionState.STARTING, RevisionState.ACTIVE})
+        workloads = [
+            Workload(
+                app=r.app,
+                revision=r.id,
+                spec=r.spec,
+                code_dir=r.code_dir,
+                app_file=r.app_file,
+                env={**r.spec.env, **r.env},
+                replicas=desired_replicas(r, scales.get(r.app, {})),
+            )
+            for r in running
+        ]
+        traffic: dict[str, list[TrafficTarget]] = {}
+        for r in running:
+            weight = 100 if r.state is RevisionState.ACTIVE else 0
+            traffic.setdefault(r.app, []).append(TrafficTarget(revision=r.id, weight=weight))
+        return DesiredState(workloads=workloads, traffic=traffic)
+
+    async def reconcile_once(self) -> None:
+        await self.backend.apply(self.desired_state())
+        observed = self.backend.observe()
+        changed = False
+        for rev in self.store.revisions(states={RevisionState.STARTING}):
+            obs = observed.get(rev.id)
+            if obs is None:
+                continue
+            if obs.error:
+                log.warning("revision %s failed: %s", rev.id, obs.error.splitlines()[0])
+                self.store.fail(rev.id, obs.error)
+                changed = True
+            elif obs.ready:
+                log.info("revision %s is ready; switching traffic", rev.id)
+                self.store.activate(rev.id)
+                changed = True
+            elif rev.started_at is not None:
+                limit = max((c.startup_timeout for c in rev.spec.components), default=60.0)
+                if self.clock() - rev.started_at > limit + STARTUP_MARGIN:
+                    waiting = ", ".join(
+                        f"{name} {c.ready}/{c.desired} ready"
+                        for name, c in obs.components.items()
+                        if c.ready < c.desired
+                    )
+                    self.store.fail(
+                        rev.id,
+                        f"not ready within {limit:.0f}s ({waiting}); raise startup_timeout= "
+                        "if the app needs longer, or check `clearway logs`",
+                    )
+                    changed = True
+        if changed:
+            # Apply the new lifecycle at once rather than on the next tick.
+            await self.backend.apply(self.desired_state())
+        async with self._pass_done:
+            self._passes += 1
+            self._pass_done.notify_all()

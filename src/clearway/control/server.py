@@ -1,0 +1,191 @@
+"""``clearway up``: the control-plane process.
+
+It owns the store, the reconciler, the REST API and the local backend (which
+owns the gateway and the replicas). Shutdown comes in two kinds, on purpose:
+
+* ``clearway down`` (``POST /v1/shutdown``) or Ctrl-C / SIGTERM on a foreground
+  ``up``: stop every replica and the gateway, then exit — the user asked for
+  the platform to go away;
+* a crash (``kill -9``): replicas and the gateway keep serving; the next ``up``
+  adopts them. Nothing is lost because desired state is in SQLite and replica
+  facts are in the backend's records.
+
+Settings given to the first ``up`` (ports, domains) are stored, so a plain
+``clearway up`` after a crash comes back exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from clearway.backends.local import LocalBackend, LocalConfig
+from clearway.control.api import create_api
+from clearway.control.home import Home
+from clearway.control.reconciler import Reconciler
+from clearway.control.revisions import RevisionBuilder
+from clearway.control.store import Store
+from clearway.control.tasks import TaskSupervisor
+from clearway.exceptions import RuntimeStartError
+
+log = logging.getLogger("clearway.control")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``clearway up`` was asked for; ``None`` means "as last time, or default"."""
+
+    port: int | None = None
+    host: str | None = None
+    api_port: int | None = None
+    domains: tuple[str, ...] | None = None
+
+
+def _resolve(store: Store, settings: Settings) -> tuple[str, int, int, tuple[str, ...]]:
+    host = settings.host or store.get_meta("gateway_host") or "127.0.0.1"
+    port = settings.port if settings.port is not None else int(store.get_meta("gateway_port") or 8080)
+    stored_domains = store.get_meta("domains")
+    domains = settings.domains or (tuple(stored_domains.split(",")) if stored_domains else ("localhost",))
+    api_port = settings.api_port if settings.api_port is not None else int(store.get_meta("api_port") or 0)
+    return host, port, api_port, domains
+
+
+def _bind(host: str, port: int, what: str, flag: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeStartError(
+            f"cannot listen for the {what} on {host}:{port}: {exc.strerror} — stop the other "
+            f"program or choose another port with {flag}"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+class ControlPlane:
+    def __init__(self, home: Home, settings: Settings) -> None:
+        self.home = home
+        self.settings = settings
+        self._stop = asyncio.Event()
+        self._stop_workloads = True
+
+    def request_shutdown(self, *, stop_workloads: bool = True) -> None:
+        self._stop_workloads = stop_workloads
+        self._stop.set()
+
+    async def run(self, on_ready: asyncio.Future[dict[str, object]] | None = None) -> None:
+        self.home.create()
+        lock = self.home.lock_path.open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = self.home.control_info() or {}
+            raise RuntimeStartError(
+                f"a control plane is already running for {self.home.root} (pid {info.get('pid', '?')}): "
+                "`clearway down` stops it, or set CLEARWAY_HOME to run another one"
+            ) from None
+        try:
+            await self._run(on_ready)
+        finally:
+            lock.close()
+
+    async def _run(self, on_ready: asyncio.Future[dict[str, object]] | None) -> None:
+        token = self.home.token(create=True)
+        assert token is not None
+        store = Store(self.home.db_path)
+        host, port, api_port, domains = _resolve(store, self.settings)
+        api_sock = _bind("127.0.0.1", api_port, "API", "--api-port")
+        api_port = api_sock.getsockname()[1]
+        api_url = f"http://127.0.0.1:{api_port}"
+        for key, value in (
+            ("gateway_host", host),
+            ("gateway_port", str(port)),
+            ("api_port", str(api_port)),
+            ("domains", ",".join(domains)),
+        ):
+            store.set_meta(key, value)
+
+        backend = LocalBackend(
+            LocalConfig(home=self.home.root, gateway_host=host, gateway_port=port, domains=domains, control_url=api_url)
+        )
+        tasks = TaskSupervisor()
+        try:
+            await backend.start()
+        except BaseException:
+            api_sock.close()
+            await backend.close(stop_workloads=False)
+            store.close()
+            raise
+        reconciler = Reconciler(store, backend)
+        backend.subscribe(reconciler.poke)
+        builder = RevisionBuilder(store, self.home.root)
+        api = create_api(
+            store=store,
+            backend=backend,
+            reconciler=reconciler,
+            builder=builder,
+            token=token,
+            on_shutdown=self.request_shutdown,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        )
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+
+        info: dict[str, object] = {
+            "pid": os.getpid(),
+            "api_url": api_url,
+            "gateway_host": host,
+            "gateway_port": port,
+            "domains": list(domains),
+            "started_at": time.time(),
+        }
+        tasks.start("reconciler", reconciler.run)
+        tasks.start("api", lambda: server.serve(sockets=[api_sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        self.home.write_control_info(info)
+        log.info("control plane ready: API %s, gateway %s:%s", api_url, host, port)
+        if on_ready is not None and not on_ready.done():
+            on_ready.set_result(info)
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down (stopping apps: %s)", self._stop_workloads)
+            server.should_exit = True
+            await tasks.close()
+            await backend.close(stop_workloads=self._stop_workloads)
+            store.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.home.control_path.unlink()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def run_foreground(home: Path | None, settings: Settings) -> None:
+    """Run the control plane in this process until ``down``, Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plane = ControlPlane(Home.from_env(home), settings)
+    try:
+        import uvloop
+
+        uvloop.run(plane.run())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(plane.run())

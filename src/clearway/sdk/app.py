@@ -1,0 +1,192 @@
+"""``App`` and its decorators: record what the user declares, nothing more.
+
+Each decorator validates its arguments at once and raises ``SpecError`` that
+points at the decorator's line in the user's file, because that is where the
+fix goes. The decorated function is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from clearway.exceptions import SpecError
+from clearway.spec.model import (
+    AppSpec,
+    Interface,
+    ServiceSpec,
+    SourceLocation,
+    WorkerSpec,
+    check_name,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's report into one line per problem, naming the argument."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"] if p not in ("service", "worker"))
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def _caller(depth: int) -> SourceLocation | None:
+    try:
+        frame = sys._getframe(depth + 1)
+    except ValueError:  # pragma: no cover - shallower stack than expected
+        return None
+    return SourceLocation(file=frame.f_code.co_filename, line=frame.f_lineno)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One declared component: its spec and the user's function (``target``)."""
+
+    spec: ServiceSpec | WorkerSpec
+    target: Callable[..., Any]
+
+
+class App:
+    """An app: a named set of services and workers.
+
+    >>> app = App("hello")
+    >>> @app.service(replicas=2, public=True)
+    ... def web(): ...
+    """
+
+    def __init__(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
+        self._location = _caller(1)
+        try:
+            check_name(name, "app name")
+        except ValueError as exc:
+            raise SpecError(str(exc), location=str(self._location) if self._location else None) from None
+        self.name = name
+        self.env = dict(env or {})
+        self.components: dict[str, Component] = {}
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, components={list(self.components)})"
+
+    def service(
+        self,
+        *,
+        name: str | None = None,
+        replicas: int = 1,
+        public: bool = False,
+        path: str = "/",
+        health: str | None = None,
+        interface: Interface = "auto",
+        env: Mapping[str, str] | None = None,
+        memory_mb: int | None = None,
+        cpu: float | None = None,
+        sandbox: bool = False,
+        grace_period: float = 10.0,
+        timeout: float = 60.0,
+        startup_timeout: float = 60.0,
+    ) -> Callable[[F], F]:
+        """Declare an HTTP service. The function returns an ASGI or WSGI app.
+
+        ``public=True`` routes ``http://<app>.<domain>/<path>`` to it; ``health``
+        is the path probed for readiness and liveness (a TCP check otherwise).
+        """
+        location = _caller(1)
+
+        def record(func: F) -> F:
+            self._record(
+                ServiceSpec,
+                func,
+                location,
+                name=name or func.__name__,
+                replicas=replicas,
+                public=public,
+                path=path,
+                health=health,
+                interface=interface,
+                env=dict(env or {}),
+                resources={"memory_mb": memory_mb, "cpu": cpu},
+                sandbox=sandbox,
+                grace_period=grace_period,
+                timeout=timeout,
+                startup_timeout=startup_timeout,
+            )
+            return func
+
+        return record
+
+    def worker(
+        self,
+        *,
+        name: str | None = None,
+        replicas: int = 1,
+        env: Mapping[str, str] | None = None,
+        memory_mb: int | None = None,
+        cpu: float | None = None,
+        sandbox: bool = False,
+        grace_period: float = 10.0,
+        startup_timeout: float = 60.0,
+    ) -> Callable[[F], F]:
+        """Declare a long-running background process: the function is its body."""
+        location = _caller(1)
+
+        def record(func: F) -> F:
+            self._record(
+                WorkerSpec,
+                func,
+                location,
+                name=name or func.__name__,
+                replicas=replicas,
+                env=dict(env or {}),
+                resources={"memory_mb": memory_mb, "cpu": cpu},
+                sandbox=sandbox,
+                grace_period=grace_period,
+                startup_timeout=startup_timeout,
+            )
+            return func
+
+        return record
+
+    def _record(
+        self,
+        model: type[ServiceSpec] | type[WorkerSpec],
+        func: Callable[..., Any],
+        location: SourceLocation | None,
+        **fields: Any,
+    ) -> None:
+        where = str(location) if location else None
+        if not callable(func):
+            raise SpecError(f"@app.{model.model_fields['kind'].default} must decorate a function", location=where)
+        fields["name"] = str(fields["name"]).replace("_", "-")
+        try:
+            spec = model(source=location, **fields)
+        except ValidationError as exc:
+            raise SpecError(describe_validation_error(exc), location=where) from None
+        if spec.name in self.components:
+            first = self.components[spec.name].spec.source
+            raise SpecError(
+                f"a component named {spec.name!r} is already declared"
+                + (f" at {first}" if first else "")
+                + ": give this one another name= or rename the function",
+                location=where,
+            )
+        self.components[spec.name] = Component(spec=spec, target=func)
+
+    def spec(self) -> AppSpec:
+        """The declarative spec of this app (validated as a whole)."""
+        try:
+            return AppSpec(
+                name=self.name,
+                env=self.env,
+                components=[c.spec for c in self.components.values()],
+            )
+        except ValidationError as exc:
+            raise SpecError(
+                describe_validation_error(exc),
+                location=str(self._location) if self._location else None,
+            ) from None

@@ -1,0 +1,166 @@
+"""Spec model: pydantic models for the declarative, versioned app description.
+
+Why pydantic: the same class validates user input (with messages we can turn
+into ``file:line`` errors), serialises to JSON, and generates the published
+JSON Schema, so the three can never drift apart.
+
+Names are DNS labels because they become host names (``<app>.localhost``) here
+and object names on Kubernetes later.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "clearway.dev/v1"
+
+DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+Interface = Literal["auto", "asgi", "wsgi"]
+
+
+def check_name(value: str, what: str) -> str:
+    """Validate a DNS-label name, saying how to fix it."""
+    if not DNS_LABEL.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid name: use 1-40 lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-' (it becomes part of a host name)"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceLocation(_Strict):
+    """Where in the user's code a component was declared (for error messages)."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class Resources(_Strict):
+    """Per-replica limits; enforced with cgroups locally, as limits on Kubernetes."""
+
+    memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] | None = None
+    cpu: Annotated[float, Field(gt=0, le=1024)] | None = None
+
+
+class _Component(_Strict):
+    name: str
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    sandbox: bool = False
+    grace_period: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    source: SourceLocation | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "component name")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_NAME.match(key):
+                raise ValueError(
+                    f"environment variable name {key!r} is invalid: use letters, digits and '_'"
+                )
+        return value
+
+
+class ServiceSpec(_Component):
+    """An HTTP service: any ASGI or WSGI app, run as replicas behind the gateway."""
+
+    kind: Literal["service"] = "service"
+    public: bool = False
+    path: str = "/"
+    health: str | None = None
+    interface: Interface = "auto"
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or "#" in value or " " in value:
+            raise ValueError(f"path {value!r} must be a URL path starting with '/', like '/api'")
+        return value.rstrip("/") or "/"
+
+    @field_validator("health")
+    @classmethod
+    def _health(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"health {value!r} must be a URL path starting with '/', like '/healthz'")
+        return value
+
+
+class WorkerSpec(_Component):
+    """A long-running background process (no port, no route)."""
+
+    kind: Literal["worker"] = "worker"
+    startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+
+ComponentSpec = Annotated[ServiceSpec | WorkerSpec, Field(discriminator="kind")]
+
+
+class AppSpec(_Strict):
+    """The whole app: what to run, never where or how."""
+
+    api_version: Literal["clearway.dev/v1"] = API_VERSION
+    kind: Literal["App"] = "App"
+    name: str
+    env: dict[str, str] = Field(default_factory=dict)
+    components: list[ComponentSpec] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "app name")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppSpec:
+        seen: dict[str, SourceLocation | None] = {}
+        paths: dict[str, str] = {}
+        for comp in self.components:
+            if comp.name in seen:
+                where = f" (first declared at {seen[comp.name]})" if seen[comp.name] else ""
+                raise ValueError(f"two components are named {comp.name!r}{where}: rename one")
+            seen[comp.name] = comp.source
+            if isinstance(comp, ServiceSpec) and comp.public:
+                if comp.path in paths:
+                    raise ValueError(
+                        f"public services {paths[comp.path]!r} and {comp.name!r} both claim path "
+                        f"{comp.path!r}: give one of them another path= prefix"
+                    )
+                paths[comp.path] = comp.name
+        return self
+
+    def component(self, name: str) -> ServiceSpec | WorkerSpec:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise KeyError(name)
+
+    @property
+    def services(self) -> list[ServiceSpec]:
+        return [c for c in self.components if isinstance(c, ServiceSpec)]
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON Schema of ``AppSpec`` (``schema/app.schema.json``)."""
+    schema = AppSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://clearway.dev/schema/app.v1.json"
+    return schema

@@ -1,0 +1,57 @@
+"""The store keeps desired state across restarts and keeps lifecycles consistent."""
+
+from pathlib import Path
+
+from clearway.control.store import RevisionState, Store
+from clearway.spec import AppSpec, ServiceSpec
+
+
+def spec(name: str = "hello") -> AppSpec:
+    return AppSpec(name=name, components=[ServiceSpec(name="web", public=True)])
+
+
+def test_revisions_survive_reopening(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    first = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={"K": "v"})
+    store.activate(first.id)
+    store.set_scale("hello", "web", 4)
+    store.close()
+
+    again = Store(tmp_path / "state.db")
+    [revision] = again.revisions("hello")
+    assert (revision.id, revision.state, revision.env) == ("hello-1", RevisionState.ACTIVE, {"K": "v"})
+    assert again.app("hello") is not None and again.app("hello").scale == {"web": 4}  # type: ignore[union-attr]
+
+
+def test_activation_retires_the_previous_revision_and_supersedes_older_starts(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    one = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={})
+    store.activate(one.id)
+    two = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={})
+    three = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={})
+    store.activate(three.id)
+    states = {r.id: r.state for r in store.revisions("hello")}
+    assert states == {
+        one.id: RevisionState.RETIRED,
+        two.id: RevisionState.FAILED,
+        three.id: RevisionState.ACTIVE,
+    }
+    assert "superseded by hello-3" in (store.revision(two.id).error or "")  # type: ignore[union-attr]
+
+
+def test_failure_keeps_the_active_revision(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    one = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={})
+    store.activate(one.id)
+    two = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={})
+    store.fail(two.id, "Traceback ...\nImportError: nope")
+    assert [r.state for r in store.revisions("hello")] == [RevisionState.ACTIVE, RevisionState.FAILED]
+    assert any("failed: Traceback" in e["message"] for e in store.events("hello"))
+
+
+def test_numbers_are_per_app_and_never_reused_after_delete(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    store.create_revision(spec("a"), code_dir=tmp_path, app_file="app.py", env={})
+    second = store.create_revision(spec("a"), code_dir=tmp_path, app_file="app.py", env={})
+    other = store.create_revision(spec("b"), code_dir=tmp_path, app_file="app.py", env={})
+    assert (second.id, other.id) == ("a-2", "b-1")

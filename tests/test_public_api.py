@@ -1,0 +1,49 @@
+"""The public API is exactly what ``clearway/__init__.py`` re-exports.
+
+Adding a name here is a decision to support it; everything else is private.
+"""
+
+import clearway
+
+EXPECTED = {
+    "APIError",
+    "App",
+    "AppLoadError",
+    "AppSpec",
+    "AuthenticationError",
+    "ClearwayError",
+    "Component",
+    "ControlPlaneError",
+    "DeployError",
+    "NotRunningError",
+    "RuntimeStartError",
+    "ServiceSpec",
+    "SpecError",
+    "WorkerSpec",
+    "__version__",
+}
+
+
+def test_exported_members_are_exactly_the_public_api() -> None:
+    assert set(clearway.__all__) == EXPECTED
+    for name in clearway.__all__:
+        assert hasattr(clearway, name), name
+
+
+def test_public_classes_say_they_live_in_clearway() -> None:
+    # Every exported exception derives from the one base class users catch.
+    for name in EXPECTED - {"App", "AppSpec", "Component", "ServiceSpec", "WorkerSpec", "__version__"}:
+        assert issubclass(getattr(clearway, name), clearway.ClearwayError), name
+
+
+def test_importing_clearway_starts_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clearway; "
+        "heavy = [m for m in ('fastapi', 'uvicorn', 'httptools', 'clearway.control', 'clearway.runtime', "
+        "'clearway.gateway') if m in sys.modules]; print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == ""
