@@ -57,7 +57,7 @@ def test_duplicate_component_names_are_refused_with_both_locations() -> None:
     @app.service()
     def web() -> None: ...
 
-    with pytest.raises(SpecError, match="already declared at .*test_sdk.py"):
+    with pytest.raises(SpecError, match=r"already declared at .*test_sdk\.py"):
         app.worker(name="web")(lambda: None)
 
 

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,15 @@ def _bind(host: str, port: int, what: str, flag: str) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(False)
     return sock
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: SIGTERM/SIGINT belong to the
+    control plane, which stops the apps before the API goes away."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ControlPlane:
@@ -141,10 +151,9 @@ class ControlPlane:
             token=token,
             on_shutdown=self.request_shutdown,
         )
-        server = uvicorn.Server(
+        server = _EmbeddedServer(
             uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
         )
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown)

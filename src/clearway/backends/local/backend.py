@@ -34,6 +34,7 @@ from clearway.backends.base import (
 )
 from clearway.backends.local.gateway import GatewayProcess
 from clearway.backends.local.records import ReplicaRecords
+from clearway.exceptions import RuntimeStartError
 from clearway.runtime import (
     ReplicaSpec,
     ReplicaState,
@@ -85,6 +86,7 @@ class LocalBackend:
         self._routes: list[dict[str, Any]] | None = None
         self._generation = 0
         self._changed = asyncio.Event()
+        self._start_errors: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -97,9 +99,9 @@ class LocalBackend:
         for record in self.records.all():
             self._specs[record.spec.replica_id] = record.spec
             adopted = False
-            if record.pid is not None:
+            if record.pid is not None and record.pid_start_time is not None:
                 adopted = await self.supervisor.adopt(
-                    record.spec, pid=record.pid, pid_start_time=record.pid_start_time, port=record.port
+                    record.spec, record.pid, record.pid_start_time, record.port
                 )
             if adopted:
                 log.info("re-adopted replica %s (pid %s)", record.spec.replica_id, record.pid)
@@ -193,7 +195,12 @@ class LocalBackend:
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             log.info("starting replica %s", replica_id)
-            await self.supervisor.start(spec)
+            try:
+                await self.supervisor.start(spec)
+            except RuntimeStartError as exc:
+                # Nothing a retry can fix (e.g. sandbox=True without bubblewrap):
+                # report it as the replica's failure so the deploy fails with it.
+                self._start_errors[replica_id] = str(exc)
 
         for replica_id in list(self._specs):
             if replica_id not in wanted and replica_id not in self._draining:
@@ -211,12 +218,14 @@ class LocalBackend:
     def _stop_later(self, replica_id: str) -> None:
         async def stop() -> None:
             try:
-                await self.supervisor.stop(replica_id)
+                if replica_id not in self._start_errors:
+                    await self.supervisor.stop(replica_id)
             except Exception:
                 log.exception("stopping replica %s failed", replica_id)
             finally:
                 self._specs.pop(replica_id, None)
                 self._statuses.pop(replica_id, None)
+                self._start_errors.pop(replica_id, None)
                 self.records.delete(replica_id)
                 self._stopping.pop(replica_id, None)
 
@@ -292,6 +301,9 @@ class LocalBackend:
                 for index in range(count):
                     status = self._statuses.get(f"{revision}-{component}-{index}")
                     if status is None:
+                        start_error = self._start_errors.get(f"{revision}-{component}-{index}")
+                        if start_error and error is None:
+                            error = start_error
                         continue
                     if status.state is ReplicaState.READY:
                         ready += 1
@@ -358,7 +370,7 @@ class LocalBackend:
             queue: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
 
             async def pump(spec: ReplicaSpec) -> None:
-                async for line in follow_log(spec.log_path):
+                async for line in follow_log(spec.log_path, lines=0):
                     await queue.put(f"[{spec.replica_id}] {line}")
 
             tasks = [asyncio.create_task(pump(s), name=f"follow-log:{s.replica_id}") for s in specs]

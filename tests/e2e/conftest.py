@@ -1,0 +1,23 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.platform import Platform, free_port
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    running = Platform(home=tmp_path / "home", port=free_port())
+    running.up()
+    try:
+        yield running
+    finally:
+        running.down()
+
+
+def write_app(root: Path, body: str, *, name: str = "demo") -> Path:
+    """A small project whose app.py is ``body`` (with ``cw`` and ``app`` defined)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "app.py").write_text(f"import clearway as cw\napp = cw.App({name!r})\n{body}")
+    return root

@@ -1,0 +1,133 @@
+"""A real clearway platform for end-to-end tests: ``clearway up --detach`` in a
+temporary ``CLEARWAY_HOME`` on a free port, driven through the real CLI and real
+HTTP through the real gateway. Nothing here is faked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Platform:
+    home: Path
+    port: int
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "clearway.cli.main", "--home", str(self.home), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"clearway {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def status(self, app: str) -> dict[str, Any]:
+        return json.loads(self.cli("status", app, "--json").stdout)  # type: ignore[no-any-return]
+
+    def get(self, app: str, path: str = "/", **kwargs: Any) -> httpx.Response:
+        headers = {"host": f"{app}.localhost", **kwargs.pop("headers", {})}
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", headers=headers, timeout=30, **kwargs)
+
+    def control_pid(self) -> int:
+        return int(json.loads((self.home / "control.json").read_text())["pid"])
+
+    def up(self) -> None:
+        self.cli("up", "--detach", "--port", str(self.port))
+
+    def down(self) -> None:
+        if (self.home / "control.json").exists():
+            self.cli("down", check=False)
+        # Belt and braces: nothing of this test may outlive it.
+        for pid in all_pids_under(self.home):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def all_pids_under(home: Path) -> list[int]:
+    """Processes whose command line mentions this home (replicas, gateway, control plane)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(home).encode() in cmdline or str(home).encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+@dataclass
+class Load:
+    """Requests in a loop on a background thread, counting every failure."""
+
+    platform: Platform
+    app: str
+    path: str = "/"
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    bodies: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Load:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            deadline = time.monotonic() + 300  # bounded, whatever happens
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    response = client.get(
+                        f"http://127.0.0.1:{self.platform.port}{self.path}",
+                        headers={"host": f"{self.app}.localhost"},
+                    )
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if response.status_code == 200:
+                    self.ok += 1
+                    self.bodies.append(response.text)
+                else:
+                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+
+    def wait_for(self, count: int) -> None:
+        """Wait until ``count`` more requests have succeeded."""
+        target = self.ok + count
+        deadline = time.monotonic() + 60
+        while self.ok < target and time.monotonic() < deadline and not self.failures:
+            self._stop.wait(0.01)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=60)

@@ -1,0 +1,238 @@
+"""The platform end to end: real CLI, real control plane, real gateway, real replicas."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import write_app
+from tests.e2e.platform import EXAMPLES, Load, Platform, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+ASGI_APP = """
+@app.service(replicas={replicas}, public=True, health="/healthz")
+def web():
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b"ok" if scope["path"] == "/healthz" else {text!r}.encode()
+        await send({{"type": "http.response.start", "status": 200, "headers": []}})
+        await send({{"type": "http.response.body", "body": body}})
+    return asgi
+"""
+
+
+def asgi_app(text: str, replicas: int = 2) -> str:
+    return ASGI_APP.format(text=text, replicas=replicas)
+
+
+def test_hello_example_answers_on_its_url_from_every_replica(platform: Platform) -> None:
+    result = platform.cli("deploy", str(EXAMPLES / "hello"))
+    assert f"http://hello.localhost:{platform.port}/" in result.stdout
+
+    seen = set()
+    for _ in range(30):
+        response = platform.get("hello", "/?name=tester")
+        assert response.status_code == 200
+        assert response.text.startswith("Hello, tester! (revision hello-1")
+        assert response.headers.get("x-request-id")
+        seen.add(response.text.split("replica ")[1])
+    assert len(seen) == 3, seen  # the load is spread over the three replicas
+
+    status = platform.status("hello")
+    assert {c["name"]: (c["ready"], c["desired"]) for c in status["components"]} == {
+        "web": (3, 3),
+        "janitor": (1, 1),
+    }
+    table = platform.cli("status").stdout
+    assert "hello" in table and "web 3/3" in table
+
+
+def test_shop_example_routes_paths_to_several_services(platform: Platform) -> None:
+    platform.cli("deploy", str(EXAMPLES / "shop"))
+    products = platform.get("shop", "/api/products")
+    assert products.status_code == 200 and products.json()["currency"] == "EUR"  # FastAPI (ASGI)
+    page = platform.get("shop", "/")
+    assert page.status_code == 200 and "<h1>The shop</h1>" in page.text  # Flask (WSGI)
+    assert platform.get("nothing-here", "/").status_code == 404
+    status = platform.status("shop")
+    ready = {c["name"]: c["ready"] for c in status["components"]}
+    assert ready == {"api": 2, "storefront": 2, "pricing": 1, "orders": 1}
+
+
+def test_new_revision_takes_over_without_a_failed_request(platform: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "demo", asgi_app("version one"))
+    platform.cli("deploy", str(project))
+    with Load(platform, "demo") as load:
+        load.wait_for(20)
+        write_app(project, asgi_app("version two"))
+        platform.cli("deploy", str(project))
+        load.wait_for(20)
+    assert load.failures == []
+    assert load.bodies[-1] == "version two"
+    status = platform.status("demo")
+    assert status["active_revision"] == "demo-2"
+    assert {r["revision"] for r in status["replicas"]} <= {"demo-2"} | {
+        r["revision"] for r in status["replicas"] if r["state"] == "draining"
+    }
+
+
+@pytest.mark.parametrize(
+    ("broken", "expected"),
+    [
+        ("import no_such_module_anywhere\n", "ModuleNotFoundError"),
+        (
+            '@app.service(replicas=1, public=True, health="/healthz", startup_timeout=3)\n'
+            "def web():\n    raise RuntimeError('database password missing')\n",
+            "RuntimeError: database password missing",
+        ),
+        (
+            '@app.service(replicas=1, public=True, health="/healthz", startup_timeout=2)\n'
+            "def web():\n"
+            "    async def asgi(scope, receive, send):\n"
+            "        await send({'type': 'http.response.start', 'status': 500, 'headers': []})\n"
+            "        await send({'type': 'http.response.body', 'body': b'no'})\n"
+            "    return asgi\n",
+            "/healthz",
+        ),
+    ],
+    ids=["import-error", "crash-at-start", "never-healthy"],
+)
+def test_failed_deploy_shows_why_and_the_old_revision_keeps_serving(
+    platform: Platform, tmp_path: Path, broken: str, expected: str
+) -> None:
+    project = write_app(tmp_path / "demo", asgi_app("good"))
+    platform.cli("deploy", str(project))
+    with Load(platform, "demo") as load:
+        load.wait_for(10)
+        write_app(project, broken)
+        result = platform.cli("deploy", str(project), check=False)
+        load.wait_for(10)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert load.failures == []
+    assert set(load.bodies) == {"good"}
+    assert platform.status("demo")["active_revision"] == "demo-1"
+
+
+def test_spec_error_points_at_the_users_line(platform: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "demo", "\n@app.service(replicas=2, health='healthz')\ndef web(): ...\n")
+    result = platform.cli("deploy", str(project), check=False)
+    assert result.returncode == 1
+    assert "app.py:4" in result.stderr and "health" in result.stderr
+
+
+def test_control_plane_kill9_loses_nothing_and_readopts_replicas(platform: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "demo", asgi_app("still here"))
+    platform.cli("deploy", str(project))
+    before = {r["id"]: r["pid"] for r in platform.status("demo")["replicas"]}
+
+    with Load(platform, "demo") as load:
+        load.wait_for(5)
+        os.kill(platform.control_pid(), signal.SIGKILL)
+        load.wait_for(20)  # the gateway and replicas serve on without the control plane
+        platform.up()
+        load.wait_for(20)
+    assert load.failures == []
+
+    after = platform.status("demo")
+    assert after["active_revision"] == "demo-1"
+    assert {r["id"]: r["pid"] for r in after["replicas"]} == before  # adopted, not restarted
+    write_app(project, asgi_app("after restart"))
+    platform.cli("deploy", str(project))
+    assert platform.get("demo").text == "after restart"
+
+
+def test_scale_and_rollback(platform: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "demo", asgi_app("one", replicas=1))
+    platform.cli("deploy", str(project))
+    platform.cli("scale", "demo", "web", "3")
+    assert len([r for r in platform.status("demo")["replicas"] if r["state"] == "ready"]) == 3
+    write_app(project, asgi_app("two", replicas=1))
+    platform.cli("deploy", str(project))
+    assert platform.get("demo").text == "two"
+    # scale sticks across deploys
+    assert [c["desired"] for c in platform.status("demo")["components"]] == [3]
+    platform.cli("rollback", "demo")
+    assert platform.get("demo").text == "one"
+    assert platform.status("demo")["active_revision"] == "demo-1"
+
+
+def test_logs_show_replica_output(platform: Platform) -> None:
+    platform.cli("deploy", str(EXAMPLES / "hello"))
+    deadline_lines = ""
+    for _ in range(100):
+        deadline_lines = platform.cli("logs", "hello", "--component", "janitor").stdout
+        if "janitor: sweep #1" in deadline_lines:
+            break
+        platform.get("hello", "/")  # let time pass on the platform's clock, not ours
+    assert "[hello-1-janitor-0] janitor: sweep #1" in deadline_lines
+
+
+def test_metrics_count_requests_per_revision(platform: Platform, tmp_path: Path) -> None:
+    platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("m", replicas=1))))
+    for _ in range(7):
+        assert platform.get("demo", "/").status_code == 200
+    text = platform.cli("metrics").stdout
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("clearway_gateway_requests_total{") and 'revision="demo-1"' in line and '"2xx"' in line
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 7
+
+
+def test_api_refuses_requests_without_the_token(platform: Platform) -> None:
+    api = platform.cli("status", "--json")  # works with the token the CLI reads
+    assert api.returncode == 0
+    info = (platform.home / "control.json").read_text()
+    url = __import__("json").loads(info)["api_url"]
+    assert (platform.home / "token").stat().st_mode & 0o777 == 0o600
+    anonymous = httpx.get(f"{url}/v1/apps")
+    assert anonymous.status_code == 401 and "Bearer" in anonymous.json()["error"]
+    wrong = httpx.get(f"{url}/v1/apps", headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{url}/openapi.json").json()["info"]["title"] == "clearway control plane"
+
+
+def test_unknown_app_and_bad_input_get_clear_errors(platform: Platform, tmp_path: Path) -> None:
+    missing = platform.cli("status", "nope", check=False)
+    assert missing.returncode == 1 and "no app named 'nope'" in missing.stderr
+    no_file = platform.cli("deploy", str(tmp_path), check=False)
+    assert no_file.returncode == 1 and "no app.py" in no_file.stderr
+    scale = platform.cli("scale", "nope", "web", "2", check=False)
+    assert scale.returncode == 1 and "no app named" in scale.stderr
+
+
+def test_port_clash_is_reported(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        other = Platform(home=tmp_path / "other", port=port)
+        try:
+            result = other.cli("up", "--detach", "--port", str(port), check=False)
+        finally:
+            other.down()
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower() and "--port" in result.stderr
+
+
+def test_down_stops_everything(tmp_path: Path) -> None:
+    platform = Platform(home=tmp_path / "home", port=free_port())
+    platform.up()
+    platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("x", replicas=1))))
+    pids = [r["pid"] for r in platform.status("demo")["replicas"]]
+    platform.cli("down")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (platform.home / "control.json").exists()
+    again = platform.cli("status", check=False)
+    assert again.returncode == 1 and "clearway up --detach" in again.stderr
