@@ -202,11 +202,13 @@ class LocalBackend:
                 # report it as the replica's failure so the deploy fails with it.
                 self._start_errors[replica_id] = str(exc)
 
-        for replica_id in list(self._specs):
-            if replica_id not in wanted and replica_id not in self._draining:
-                self._draining[replica_id] = self._generation + 1
-
+        newly_unwanted = [r for r in self._specs if r not in wanted and r not in self._draining]
+        for replica_id in newly_unwanted:
+            self._draining[replica_id] = -1  # excluded from the table published next
         await self._publish(desired)
+        for replica_id in newly_unwanted:
+            # The generation just published is the first without this replica.
+            self._draining[replica_id] = self._generation
 
         if self._draining:
             loaded = await self.gateway.generation()

@@ -1,0 +1,66 @@
+"""The process runtime: runs replicas of an app's components as supervised OS processes.
+
+The control plane (through the local backend) describes each replica with a
+`ReplicaSpec` and hands it to a `Supervisor`, which starts it with a
+`Launcher`, probes it, restarts it with backoff, limits it with cgroups,
+optionally sandboxes it, and reports every `ReplicaStatus` change. Inside each
+replica process runs ``python -m clearway.runtime.replica``.
+
+Layering: the runtime imports the SDK (to load apps) and the spec, never the
+control plane, the gateway, the backends or the CLI (``.importlinter``).
+
+Modules, one concept each::
+
+    spec          ReplicaSpec, the replica's environment
+    status        ReplicaState, ReplicaStatus
+    supervisor    Supervisor: the per-replica loop, probes, restarts, adoption
+    launcher      Launcher protocol, SpawnLauncher (posix_spawn)
+    process       pidfd watching, (pid, start time) identity, group signals
+    restarts      backoff and crash-loop policy
+    probes        HTTP readiness/liveness probes
+    cgroups       memory and CPU limits (cgroup v2, else v1)
+    sandbox       bubblewrap command line
+    logs          rotation, tail, follow
+    clock         injected time
+    interface     ASGI/WSGI detection
+    exit_codes    what a replica's exit code means
+    replica       the replica process's entry point (not imported here: it is run with -m)
+"""
+
+from __future__ import annotations
+
+from clearway.runtime.clock import Clock, ManualClock, SystemClock
+from clearway.runtime.launcher import LaunchedProcess, Launcher, LaunchRequest, SpawnLauncher
+from clearway.runtime.logs import follow_log, rotate_log, tail_log
+from clearway.runtime.probes import ProbePolicy
+from clearway.runtime.restarts import RestartPolicy
+from clearway.runtime.spec import ReplicaSpec
+from clearway.runtime.status import ReplicaState, ReplicaStatus
+from clearway.runtime.supervisor import (
+    StatusCallback,
+    Supervisor,
+    SupervisorConfig,
+    UnknownReplicaError,
+)
+
+__all__ = [
+    "Clock",
+    "LaunchRequest",
+    "LaunchedProcess",
+    "Launcher",
+    "ManualClock",
+    "ProbePolicy",
+    "ReplicaSpec",
+    "ReplicaState",
+    "ReplicaStatus",
+    "RestartPolicy",
+    "SpawnLauncher",
+    "StatusCallback",
+    "Supervisor",
+    "SupervisorConfig",
+    "SystemClock",
+    "UnknownReplicaError",
+    "follow_log",
+    "rotate_log",
+    "tail_log",
+]

@@ -1,0 +1,71 @@
+"""Readiness and liveness probes of a service replica.
+
+A probe is one ``GET`` on a fresh connection to ``127.0.0.1:<port>``, written by
+hand on asyncio streams: a connection pool (an HTTP client's) would keep
+connections to a process that has since been replaced, and we need nothing but
+the status line.
+
+Why not a plain TCP connect when the component declares no health path: the
+listening socket is created by the supervisor before the replica starts, so the
+kernel completes TCP handshakes even while the app is still importing, or hung.
+Without a health path a probe therefore asks for ``/`` and accepts *any* HTTP
+answer (even a 404 or a 500): it proves the server is up and serving, which is
+what a TCP check was meant to prove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+__all__ = ["ProbePolicy", "ProbeResult", "probe_http"]
+
+
+@dataclass(frozen=True)
+class ProbePolicy:
+    readiness_interval: float = 0.05
+    """Delay between readiness probes while a replica starts (kept small: it bounds start latency)."""
+    liveness_interval: float = 5.0
+    timeout: float = 2.0
+    """Per probe: connect, send, and read the status line."""
+    failure_threshold: int = 3
+    """Consecutive failed liveness probes that make a ready replica UNHEALTHY."""
+    worker_ready_after: float = 1.0
+    """Workers have no probe: one counts as READY once it has run this long (a worker
+    whose import fails thus never looks ready, like Kubernetes' ``minReadySeconds``)."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    detail: str
+    """For failures: what went wrong, e.g. "GET /healthz answered 503"."""
+
+
+async def probe_http(port: int, path: str | None, *, within: float) -> ProbeResult:
+    target = path or "/"
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(
+                    f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    "User-Agent: clearway-probe\r\nConnection: close\r\n\r\n".encode("latin-1")
+                )
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except TimeoutError:
+        return ProbeResult(False, f"GET {target} got no answer within {within:g}s")
+    except OSError as error:
+        return ProbeResult(False, f"GET {target} failed: {error.strerror or error}")
+    parts = status_line.split(maxsplit=2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        if not status_line:
+            return ProbeResult(False, f"GET {target}: connection closed without an answer")
+        return ProbeResult(False, f"GET {target}: not an HTTP answer: {status_line[:80]!r}")
+    status = int(parts[1])
+    if path is None or 200 <= status < 400:
+        return ProbeResult(True, f"GET {target} answered {status}")
+    return ProbeResult(False, f"GET {target} answered {status}")

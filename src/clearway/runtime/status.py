@@ -1,0 +1,59 @@
+"""The observed state of a replica, as the supervisor reports it.
+
+`ReplicaStatus` is an immutable snapshot: the supervisor builds a new one on
+every change and hands it to its ``on_change`` callback, so the control plane
+can persist it (and later hand ``pid``, ``pid_start_time`` and ``port`` back to
+`Supervisor.adopt` after a restart of its own) without ever racing the
+supervisor's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["ReplicaState", "ReplicaStatus"]
+
+
+class ReplicaState(enum.Enum):
+    # Spawned (or adopted) and not yet answering its readiness probe.
+    STARTING = "starting"
+    # Answering its probe: a service may receive traffic, a worker is running.
+    READY = "ready"
+    # Was ready, then failed several liveness probes in a row; about to be restarted.
+    UNHEALTHY = "unhealthy"
+    # Exited, failed or was killed; waiting out an exponential backoff before restarting.
+    BACKOFF = "backoff"
+    # Keeps crashing (or never gets ready); still retried, slowly, but needs a human.
+    CRASHLOOP = "crashloop"
+    # Asked to stop: SIGTERM sent, draining in-flight work until the grace period ends.
+    STOPPING = "stopping"
+    # Stopped on request. Terminal.
+    STOPPED = "stopped"
+    # Cannot be launched at all (e.g. the sandbox tool vanished). Terminal; see last_error.
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (ReplicaState.STOPPED, ReplicaState.FAILED)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    state: ReplicaState
+    since: float
+    """Wall-clock time (Unix seconds) at which ``state`` was entered."""
+    pid: int | None = None
+    """The replica's process (the process group leader). None between processes."""
+    pid_start_time: int | None = None
+    """Field 22 of /proc/<pid>/stat: with ``pid``, identifies the process across pid reuse."""
+    port: int | None = None
+    """The 127.0.0.1 port a service listens on; stays the same across restarts."""
+    restarts: int = 0
+    last_exit_code: int | None = None
+    """Of the previous process; negative for a signal (-9: killed); None when unknown."""
+    last_error: str | None = None
+    """Why the previous process ended, with the tail of its log (the traceback) for crashes."""
+    warnings: tuple[str, ...] = field(default=())
+    """Degradations that did not stop the replica, e.g. a memory limit that could not be applied."""

@@ -1,0 +1,687 @@
+"""The supervisor: keeps replica processes running, healthy and reported.
+
+One `Supervisor` per control plane. For every replica it runs one supervised
+background task (``replica:<id>``) that owns the replica's process from spawn
+to exit, and loops::
+
+    spawn ─▶ STARTING ─(readiness probe ok)─▶ READY ─(liveness fails N times)─▶ UNHEALTHY
+               │  never ready in time /              │ exits                          │
+               │  exits before ready                 ▼                                ▼
+               └────────────────────────────▶ BACKOFF or CRASHLOOP ◀─── terminate ────┘
+                                                     │ delay elapsed
+                                                     └────────▶ spawn again
+
+`stop` interrupts any stage: STOPPING (SIGTERM to the process group, SIGKILL
+after the grace period) then STOPPED. Each transition produces a new immutable
+`ReplicaStatus`, handed to the ``on_change`` callback so the control plane can
+persist it; `wait_for` lets callers await a state.
+
+Design points:
+
+* **Replicas outlive the control plane.** They run in their own session, and
+  the supervisor tracks them by ``(pid, start time)`` through pidfds rather
+  than as children, so after a restart a new supervisor can `adopt` them.
+  Closing the supervisor without stopping replicas only detaches.
+* **The port belongs to the replica, not to a process.** The supervisor binds
+  ``127.0.0.1:0`` once per service replica and passes the socket to each
+  process it starts, so the port is known before the first start, never races,
+  and stays the same across restarts (requests arriving during a restart wait
+  in the backlog). An adopted replica's socket is in the old process; when it
+  must be restarted the supervisor binds the same port again if it can.
+* **Two clocks.** Decisions about history (backoff, crash loops, forgiveness)
+  use the injected `Clock`, so tests can drive them. Deadlines that race real
+  processes (startup timeout, grace period, probe timeouts) use the event
+  loop's time: a fake clock cannot make a process start faster.
+* **Limits and sandbox** are delegated to `clearway.runtime.cgroups` (best
+  effort, reported as warnings) and to the launcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clearway.exceptions import ClearwayError, RuntimeStartError
+from clearway.runtime.background_tasks import BackgroundTasks
+from clearway.runtime.cgroups import Cgroup, CgroupUnavailable, create_cgroup
+from clearway.runtime.clock import Clock, SystemClock
+from clearway.runtime.exit_codes import ExitCode
+from clearway.runtime.launcher import LaunchedProcess, Launcher, LaunchRequest, SpawnLauncher
+from clearway.runtime.logs import read_log_since, rotate_log
+from clearway.runtime.probes import ProbePolicy, ProbeResult, probe_http
+from clearway.runtime.process import (
+    ProcessExit,
+    ProcessWatch,
+    describe_exit_code,
+    is_alive,
+    signal_group,
+)
+from clearway.runtime.restarts import RestartPolicy, RestartTracker
+from clearway.runtime.sandbox import find_bwrap
+from clearway.runtime.spec import ReplicaSpec, replica_environment
+from clearway.runtime.status import ReplicaState, ReplicaStatus
+
+__all__ = ["StatusCallback", "Supervisor", "SupervisorConfig", "UnknownReplicaError"]
+
+logger = logging.getLogger("clearway.runtime")
+
+StatusCallback = Callable[[ReplicaStatus], None]
+
+
+class UnknownReplicaError(ClearwayError, KeyError):
+    """No replica with this id is supervised here."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown replica"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    probes: ProbePolicy = field(default_factory=ProbePolicy)
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_keep: int = 3
+    """Rotated copies kept: ``replica.log.1`` (newest) .. ``replica.log.<keep>``."""
+    log_rotate_interval: float = 10.0
+    cgroup_parent: str = "clearway"
+    error_log_lines: int = 40
+    """Lines of the log tail quoted in ``last_error`` when a process crashes."""
+    kill_timeout: float = 10.0
+    """How long to wait for a process to vanish after SIGKILL before reporting it stuck."""
+
+
+class _Outcome(enum.Enum):
+    # stop() was called: terminate and finish.
+    STOP = "stop"
+    # The process ended or was ended by us (unhealthy, never ready): back off and restart.
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class _End:
+    outcome: _Outcome
+    exit_code: int | None = None
+    was_ready: bool = False
+    error: str | None = None
+
+
+class _Replica:
+    """Everything the supervisor knows about one replica; its task runs `run`."""
+
+    def __init__(self, supervisor: Supervisor, spec: ReplicaSpec, status: ReplicaStatus) -> None:
+        self.supervisor = supervisor
+        self.spec = spec
+        self.status = status
+        self.tracker = RestartTracker(supervisor.config.restart, supervisor.clock)
+        self.listener: socket.socket | None = None
+        self.cgroup: Cgroup | None = None
+        self.watch: ProcessWatch | None = None
+        self.stop_requested = asyncio.Event()
+        self.stop_grace: float | None = None
+        self.log_offset = 0
+
+    # -- status -----------------------------------------------------------------------
+
+    def update(self, **changes: Any) -> None:
+        if "state" in changes and changes["state"] != self.status.state:
+            changes.setdefault("since", self.supervisor.clock.time())
+        self.status = dataclasses.replace(self.status, **changes)
+        self.supervisor._publish(self.status)
+
+    def warn(self, message: str) -> None:
+        logger.warning("replica %s: %s", self.spec.replica_id, message)
+        self.update(warnings=(*self.status.warnings, message))
+
+    def note(self, message: str) -> None:
+        """Append a supervisor line to the replica's log, where `clearway logs` shows it."""
+        line = time.strftime("%Y-%m-%dT%H:%M:%S") + f" [clearway supervisor] {message}\n"
+        try:
+            with open(self.spec.log_path, "a", encoding="utf-8") as log:
+                log.write(line)
+        except OSError as error:
+            logger.warning("cannot write to %s: %s", self.spec.log_path, error)
+
+    # -- resources --------------------------------------------------------------------
+
+    def prepare(self, port: int | None) -> None:
+        """Create the workdir, the log directory and the cgroup; bind the socket if needed."""
+        spec = self.spec
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if spec.kind == "service" and port is None:
+            self.listener = _listen(0)
+            self.status = dataclasses.replace(self.status, port=self.listener.getsockname()[1])
+        try:
+            self.cgroup = create_cgroup(
+                spec.replica_id,
+                memory_mb=spec.memory_mb,
+                cpu=spec.cpu,
+                parent=self.supervisor.config.cgroup_parent,
+            )
+        except CgroupUnavailable as error:
+            message = f"resource limits not applied: {error}"
+            logger.warning("replica %s: %s", spec.replica_id, message)
+            self.status = dataclasses.replace(
+                self.status, warnings=(*self.status.warnings, message)
+            )
+
+    def ensure_listener(self) -> None:
+        """After an adopted process ended: bind its port again (or a new one) for the next."""
+        if self.spec.kind != "service" or self.listener is not None:
+            return
+        wanted = self.status.port or 0
+        try:
+            self.listener = _listen(wanted)
+        except OSError as error:
+            self.listener = _listen(0)
+            self.warn(f"port {wanted} is no longer free ({error.strerror}); now on a new port")
+        self.update(port=self.listener.getsockname()[1])
+
+    async def release(self) -> None:
+        """Free everything the replica held; only once it has stopped for good."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.cgroup is not None:
+            warning = await self.cgroup.remove()
+            if warning:
+                logger.warning("replica %s: %s", self.spec.replica_id, warning)
+            self.cgroup = None
+
+    def detach(self) -> None:
+        """Stop watching without touching the process (the supervisor is closing)."""
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+        if self.listener is not None:
+            # The replica process holds its own copy of the socket; this closes only ours.
+            self.listener.close()
+            self.listener = None
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self, adopted: LaunchedProcess | None) -> None:
+        try:
+            await self._run(adopted)
+        except asyncio.CancelledError:
+            self.detach()
+            raise
+
+    async def _run(self, adopted: LaunchedProcess | None) -> None:
+        process = adopted
+        while True:
+            if process is None:
+                if self.stop_requested.is_set():
+                    await self._finish_stopped()
+                    return
+                try:
+                    process = await self._spawn()
+                except RuntimeStartError as error:
+                    await self._fail(str(error))
+                    return
+            self.watch = ProcessWatch(process.pid)
+            end = await self._supervise(process)
+            if end.outcome is _Outcome.STOP:
+                await self._terminate(stopping=True)
+                await self._finish_stopped()
+                return
+            process = None
+            self.watch = None
+            decision = self.tracker.ended(was_ready=end.was_ready)
+            state = ReplicaState.CRASHLOOP if decision.crashloop else ReplicaState.BACKOFF
+            self.update(
+                state=state,
+                pid=None,
+                pid_start_time=None,
+                last_exit_code=end.exit_code,
+                last_error=end.error,
+            )
+            first_line = (end.error or "").splitlines()[0] if end.error else "ended"
+            self.note(f"{first_line}; restarting in {decision.delay:g}s")
+            logger.info(
+                "replica %s: %s; %s, restarting in %gs",
+                self.spec.replica_id, first_line, state.value, decision.delay,
+            )  # fmt: skip
+            if await self._stop_or(self.supervisor.clock.sleep(decision.delay)):
+                await self._finish_stopped()
+                return
+            self.update(restarts=self.status.restarts + 1)
+
+    async def _spawn(self) -> LaunchedProcess:
+        spec = self.spec
+        self.ensure_listener()
+        try:
+            self.log_offset = spec.log_path.stat().st_size
+        except FileNotFoundError:
+            self.log_offset = 0
+        request = LaunchRequest(
+            spec=spec,
+            env=replica_environment(spec, port=self.status.port),
+            listen_fd=self.listener.fileno() if self.listener is not None else None,
+            cgroup_procs=self.cgroup.procs_files if self.cgroup is not None else (),
+        )
+        process = await self.supervisor.launcher.launch(request)
+        self.note(f"started process {process.pid}")
+        self.update(state=ReplicaState.STARTING, pid=process.pid, pid_start_time=process.start_time)
+        return process
+
+    async def _supervise(self, process: LaunchedProcess) -> _End:
+        """Watch one process until it ends, turns unhealthy, or a stop is requested."""
+        assert self.watch is not None
+        spec, probes = self.spec, self.supervisor.config.probes
+        exited = self.watch.exited
+        if spec.kind == "service":
+            port = self.status.port
+            assert port is not None
+            winner, result = await self._race(
+                exited, self._await_ready(port), name=f"readiness:{spec.replica_id}"
+            )
+            if winner is _Outcome.STOP:
+                return _End(_Outcome.STOP)
+            if winner == "exited":
+                return self._ended_by_itself(was_ready=False)
+            assert isinstance(result, ProbeResult)
+            if not result.ok:
+                self.note(result.detail)
+                self.update(last_error=result.detail)
+                await self._terminate(stopping=False)
+                return _End(
+                    _Outcome.ENDED,
+                    exit_code=self.status.last_exit_code,
+                    was_ready=False,
+                    error=result.detail,
+                )
+        else:
+            winner, _ = await self._race(
+                exited, self._sleep_ok(probes.worker_ready_after), name=f"warmup:{spec.replica_id}"
+            )
+            if winner is _Outcome.STOP:
+                return _End(_Outcome.STOP)
+            if winner == "exited":
+                return self._ended_by_itself(was_ready=False)
+        self.tracker.became_ready()
+        self.update(state=ReplicaState.READY)
+        if spec.kind == "service":
+            port = self.status.port
+            assert port is not None
+            winner, result = await self._race(
+                exited, self._await_unhealthy(port), name=f"liveness:{spec.replica_id}"
+            )
+        else:
+            winner, result = await self._race(exited, None, name="")
+        if winner is _Outcome.STOP:
+            return _End(_Outcome.STOP)
+        if winner == "exited":
+            return self._ended_by_itself(was_ready=True)
+        assert isinstance(result, ProbeResult)
+        error = f"failed {probes.failure_threshold} liveness probes in a row; last: {result.detail}"
+        self.update(state=ReplicaState.UNHEALTHY, last_error=error)
+        self.note(error)
+        await self._terminate(stopping=False)
+        return _End(
+            _Outcome.ENDED, exit_code=self.status.last_exit_code, was_ready=True, error=error
+        )
+
+    async def _race(
+        self,
+        exited: asyncio.Future[ProcessExit],
+        probe: Coroutine[Any, Any, ProbeResult] | None,
+        *,
+        name: str,
+    ) -> tuple[object, ProbeResult | None]:
+        """Wait for the first of: the process exits, the probe returns, stop is requested."""
+        loop = asyncio.get_running_loop()
+        stop = loop.create_task(
+            self.stop_requested.wait(), name=f"stop-request:{self.spec.replica_id}"
+        )
+        waiters: set[asyncio.Future[Any]] = {stop, exited}
+        probe_task = None
+        if probe is not None:
+            probe_task = loop.create_task(probe, name=name)
+            waiters.add(probe_task)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (stop, probe_task):
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+                    await asyncio.wait([waiter])
+        if stop.done() and not stop.cancelled():
+            return _Outcome.STOP, None
+        if exited.done():
+            return "exited", None
+        assert probe_task is not None
+        return "probe", probe_task.result()
+
+    @staticmethod
+    async def _sleep_ok(seconds: float) -> ProbeResult:
+        await asyncio.sleep(seconds)
+        return ProbeResult(True, f"ran for {seconds:g}s")
+
+    async def _await_ready(self, port: int) -> ProbeResult:
+        spec, probes = self.spec, self.supervisor.config.probes
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.startup_timeout
+        target = spec.health_path or "/"
+        while True:
+            remaining = deadline - loop.time()
+            result = await probe_http(
+                port, spec.health_path, within=max(0.01, min(probes.timeout, remaining))
+            )
+            if result.ok:
+                return result
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return ProbeResult(
+                    False,
+                    f"never answered GET {target} within {spec.startup_timeout:g}s; "
+                    f"last error: {result.detail}",
+                )
+            await asyncio.sleep(min(probes.readiness_interval, remaining))
+
+    async def _await_unhealthy(self, port: int) -> ProbeResult:
+        probes = self.supervisor.config.probes
+        failures = 0
+        while True:
+            await asyncio.sleep(probes.liveness_interval)
+            result = await probe_http(port, self.spec.health_path, within=probes.timeout)
+            if result.ok:
+                failures = 0
+                continue
+            failures += 1
+            logger.info(
+                "replica %s: liveness probe failed (%d/%d): %s",
+                self.spec.replica_id, failures, probes.failure_threshold, result.detail,
+            )  # fmt: skip
+            if failures >= probes.failure_threshold:
+                return result
+
+    def _ended_by_itself(self, *, was_ready: bool) -> _End:
+        assert self.watch is not None
+        code = self.watch.exited.result().code
+        how = describe_exit_code(code)
+        if code is not None and code >= 0:
+            with contextlib.suppress(ValueError):
+                how += f" ({ExitCode(code).describe()})"
+        when = "" if was_ready else " before it was ready"
+        tail = read_log_since(
+            self.spec.log_path, self.log_offset, lines=self.supervisor.config.error_log_lines
+        )
+        error = f"process {self.watch.pid} {how}{when}"
+        if tail:
+            error += f"; last log lines:\n{tail}"
+        return _End(_Outcome.ENDED, exit_code=code, was_ready=was_ready, error=error)
+
+    async def _terminate(self, *, stopping: bool) -> None:
+        """SIGTERM the process group, SIGKILL it after the grace period, await the exit."""
+        watch = self.watch
+        if watch is None:
+            return
+        grace = self.spec.grace_period
+        if stopping:
+            grace = self.stop_grace if self.stop_grace is not None else grace
+            self.update(state=ReplicaState.STOPPING)
+        signal_group(watch.pid, signal.SIGTERM)
+        await asyncio.wait([watch.exited], timeout=grace)
+        if not watch.exited.done():
+            self.note(f"still running {grace:g}s after SIGTERM; sending SIGKILL")
+            signal_group(watch.pid, signal.SIGKILL)
+            await asyncio.wait([watch.exited], timeout=self.supervisor.config.kill_timeout)
+        if not watch.exited.done():
+            watch.close()
+            self.warn(f"process {watch.pid} did not exit after SIGKILL; no longer watched")
+            self.update(last_exit_code=None)
+            return
+        code = watch.exited.result().code
+        self.note(f"process {watch.pid} {describe_exit_code(code)}")
+        self.update(last_exit_code=code)
+
+    async def _stop_or(self, awaitable: Coroutine[Any, Any, None]) -> bool:
+        """Await ``awaitable`` unless a stop is requested first; returns whether it was."""
+        loop = asyncio.get_running_loop()
+        stop = loop.create_task(
+            self.stop_requested.wait(), name=f"stop-request:{self.spec.replica_id}"
+        )
+        other = loop.create_task(awaitable, name=f"backoff:{self.spec.replica_id}")
+        await asyncio.wait({stop, other}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stop, other):
+            if not waiter.done():
+                waiter.cancel()
+                await asyncio.wait([waiter])
+        return self.stop_requested.is_set()
+
+    async def _finish_stopped(self) -> None:
+        self.watch = None
+        await self.release()
+        self.update(state=ReplicaState.STOPPED, pid=None, pid_start_time=None)
+
+    async def _fail(self, error: str) -> None:
+        self.note(error)
+        await self.release()
+        self.update(state=ReplicaState.FAILED, pid=None, pid_start_time=None, last_error=error)
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """Runs, watches and restarts replica processes; reports every status change."""
+
+    def __init__(
+        self,
+        *,
+        on_change: StatusCallback | None = None,
+        config: SupervisorConfig | None = None,
+        launcher: Launcher | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config or SupervisorConfig()
+        self.launcher: Launcher = launcher or SpawnLauncher()
+        self.clock: Clock = clock or SystemClock()
+        self._on_change = on_change
+        self._replicas: dict[str, _Replica] = {}
+        self._tasks = BackgroundTasks(logger)
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    # -- queries ----------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, ReplicaStatus]:
+        return {replica_id: r.status for replica_id, r in self._replicas.items()}
+
+    def status(self, replica_id: str) -> ReplicaStatus:
+        return self._get(replica_id).status
+
+    async def wait_for(
+        self,
+        replica_id: str,
+        *states: ReplicaState,
+        within: float,
+        predicate: Callable[[ReplicaStatus], bool] | None = None,
+    ) -> ReplicaStatus:
+        """Wait until the replica is in one of ``states`` (and ``predicate`` holds).
+
+        Raises ``TimeoutError`` naming the state it is stuck in.
+        """
+
+        def matches() -> bool:
+            status = self._get(replica_id).status
+            return (not states or status.state in states) and (
+                predicate is None or predicate(status)
+            )
+
+        try:
+            async with asyncio.timeout(within):
+                while not matches():
+                    await self._changed.wait()
+        except TimeoutError:
+            status = self._get(replica_id).status
+            wanted = ", ".join(s.value for s in states) or "the condition"
+            raise TimeoutError(
+                f"replica {replica_id} did not reach {wanted} within {within:g}s; it is "
+                f"{status.state.value} (last error: {status.last_error})"
+            ) from None
+        return self._get(replica_id).status
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def start(self, spec: ReplicaSpec) -> ReplicaStatus:
+        """Start supervising a new replica; returns at once (state STARTING).
+
+        Raises `RuntimeStartError` for problems no retry can fix (the id is in use,
+        the sandbox tool is missing).
+        """
+        self._check_can_start(spec)
+        if spec.sandbox:
+            find_bwrap()
+        replica = _Replica(self, spec, ReplicaStatus(spec.replica_id, ReplicaState.STARTING,
+                                                     since=self.clock.time()))  # fmt: skip
+        replica.prepare(port=None)
+        self._launch_task(replica, adopted=None)
+        return replica.status
+
+    async def adopt(
+        self, spec: ReplicaSpec, pid: int, pid_start_time: int, port: int | None
+    ) -> bool:
+        """Re-attach to a replica process left running by a previous supervisor.
+
+        Returns False (and supervises nothing) when no process ``pid`` started at
+        ``pid_start_time`` is alive: it died, or the pid now belongs to another
+        process. The replica is probed again before it counts as READY.
+        """
+        self._check_can_start(spec)
+        if not is_alive(pid, pid_start_time):
+            return False
+        status = ReplicaStatus(
+            spec.replica_id,
+            ReplicaState.STARTING,
+            since=self.clock.time(),
+            pid=pid,
+            pid_start_time=pid_start_time,
+            port=port,
+        )
+        replica = _Replica(self, spec, status)
+        replica.prepare(port=port)
+        with contextlib.suppress(FileNotFoundError):
+            replica.log_offset = spec.log_path.stat().st_size
+        replica.note(f"adopted process {pid} after a control plane restart")
+        self._launch_task(replica, adopted=LaunchedProcess(pid=pid, start_time=pid_start_time))
+        return True
+
+    async def stop(self, replica_id: str, grace: float | None = None) -> ReplicaStatus:
+        """Stop a replica (SIGTERM, then SIGKILL after ``grace``) and wait until it has."""
+        replica = self._get(replica_id)
+        replica.stop_grace = grace
+        replica.stop_requested.set()
+        task = self._tasks.get(_task_name(replica_id))
+        if task is not None:
+            await asyncio.wait([task])
+        if replica.status.state is ReplicaState.FAILED:
+            await replica.release()
+        self._replicas.pop(replica_id, None)
+        return replica.status
+
+    def rotate_logs(self) -> list[Path]:
+        """Rotate every replica log grown past the limit; returns the rotated paths."""
+        rotated = []
+        for replica in list(self._replicas.values()):
+            path = replica.spec.log_path
+            try:
+                if rotate_log(path, max_bytes=self.config.log_max_bytes, keep=self.config.log_keep):
+                    rotated.append(path)
+                    replica.log_offset = 0
+            except OSError as error:
+                logger.warning("cannot rotate %s: %s", path, error)
+        return rotated
+
+    async def close(self, *, stop_replicas: bool) -> None:
+        """Stop supervising. With ``stop_replicas`` stop them all; otherwise leave them running
+        (for a new supervisor to `adopt`)."""
+        self._closed = True
+        if stop_replicas:
+            await asyncio.gather(*(self.stop(rid) for rid in list(self._replicas)))
+        await self._tasks.close()
+        self._replicas.clear()
+
+    async def __aenter__(self) -> Supervisor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(stop_replicas=True)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _get(self, replica_id: str) -> _Replica:
+        try:
+            return self._replicas[replica_id]
+        except KeyError:
+            raise UnknownReplicaError(f"no replica {replica_id!r} is supervised here") from None
+
+    def _check_can_start(self, spec: ReplicaSpec) -> None:
+        if self._closed:
+            raise RuntimeStartError("this supervisor is closed; create a new one")
+        existing = self._replicas.get(spec.replica_id)
+        if existing is not None:
+            raise RuntimeStartError(
+                f"replica {spec.replica_id} is already supervised "
+                f"({existing.status.state.value}); stop it first or use another replica id"
+            )
+
+    def _launch_task(self, replica: _Replica, *, adopted: LaunchedProcess | None) -> None:
+        self._replicas[replica.spec.replica_id] = replica
+        self._publish(replica.status)
+        if self._tasks.get("log-rotation") is None:
+            self._tasks.start("log-rotation", self._rotate_logs_forever())
+
+        def on_failure(error: BaseException) -> None:
+            # A bug in the supervisor: do not leave a process running unsupervised.
+            if replica.watch is not None:
+                signal_group(replica.watch.pid, signal.SIGKILL)
+                replica.watch.close()
+            replica.update(
+                state=ReplicaState.FAILED,
+                last_error=f"the supervisor failed: {type(error).__name__}: {error}",
+            )
+
+        self._tasks.start(
+            _task_name(replica.spec.replica_id), replica.run(adopted), on_failure=on_failure
+        )
+
+    async def _rotate_logs_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.log_rotate_interval)
+            self.rotate_logs()
+
+    def _publish(self, status: ReplicaStatus) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(status)
+            except Exception:
+                logger.exception("the on_change callback failed for %s", status.replica_id)
+
+        # Wake every `wait_for`: each waits on the event current when it looked.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def _task_name(replica_id: str) -> str:
+    return f"replica:{replica_id}"

@@ -1,0 +1,102 @@
+"""Fixtures for runtime tests: real app files, real replica processes, a fast supervisor."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clearway.runtime import (
+    ProbePolicy,
+    ReplicaSpec,
+    ReplicaStatus,
+    RestartPolicy,
+    Supervisor,
+    SupervisorConfig,
+)
+
+#: Small delays so restarts and probes happen within a test's patience, deterministically
+#: driven by events (process exits, probe answers), never by sleeping in the tests.
+FAST = SupervisorConfig(
+    restart=RestartPolicy(
+        initial_backoff=0.05, max_backoff=0.2, crashloop_crashes=5, crashloop_unready=3
+    ),
+    probes=ProbePolicy(
+        readiness_interval=0.02,
+        liveness_interval=0.1,
+        timeout=1.0,
+        failure_threshold=2,
+        worker_ready_after=1.0,
+    ),
+    log_rotate_interval=3600,
+)
+
+SpecFactory = Callable[..., ReplicaSpec]
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path) -> SpecFactory:
+    """Write ``source`` as the app file of a fresh code snapshot; return its spec."""
+    counter = 0
+
+    def make(
+        source: str, *, component: str = "web", kind: str = "service", **overrides: Any
+    ) -> ReplicaSpec:
+        nonlocal counter
+        counter += 1
+        replica_id = overrides.pop("replica_id", f"t{counter}-{component}-0")
+        code_dir = tmp_path / f"code-{counter}"
+        code_dir.mkdir()
+        (code_dir / "app.py").write_text(textwrap.dedent(source))
+        fields: dict[str, Any] = {
+            "replica_id": replica_id,
+            "app": "t",
+            "revision": str(counter),
+            "component": component,
+            "index": 0,
+            "kind": kind,
+            "code_dir": code_dir,
+            "app_file": "app.py",
+            "workdir": tmp_path / "replicas" / replica_id,
+            "log_path": tmp_path / "logs" / f"{replica_id}.log",
+            "grace_period": 5.0,
+            "startup_timeout": 20.0,
+        }
+        fields.update(overrides)
+        return ReplicaSpec(**fields)
+
+    return make
+
+
+class StatusLog:
+    """Every status the supervisor reported, in order."""
+
+    def __init__(self) -> None:
+        self.changes: list[ReplicaStatus] = []
+
+    def __call__(self, status: ReplicaStatus) -> None:
+        self.changes.append(status)
+
+    def states(self, replica_id: str) -> list[str]:
+        states: list[str] = []
+        for status in self.changes:
+            if status.replica_id == replica_id and (not states or states[-1] != status.state.value):
+                states.append(status.state.value)
+        return states
+
+
+@pytest.fixture
+def status_log() -> StatusLog:
+    return StatusLog()
+
+
+@pytest.fixture
+async def supervisor(status_log: StatusLog) -> AsyncIterator[Supervisor]:
+    sup = Supervisor(on_change=status_log, config=FAST)
+    try:
+        yield sup
+    finally:
+        await sup.close(stop_replicas=True)

@@ -1,0 +1,16 @@
+"""The runtime's public API is exactly what its __init__ re-exports."""
+
+from __future__ import annotations
+
+import clearway.runtime
+
+
+def test_exported_members() -> None:
+    exported = {name for name in dir(clearway.runtime) if not name.startswith("_")}
+    modules = {
+        "background_tasks", "cgroups", "clock", "exit_codes", "interface", "launcher", "logs",
+        "probes", "process", "restarts", "sandbox", "spec", "status", "supervisor", "annotations",
+    }  # fmt: skip
+    assert exported - modules == set(clearway.runtime.__all__)
+    for name in set(clearway.runtime.__all__) - {"StatusCallback"}:  # a type alias
+        assert getattr(clearway.runtime, name).__module__.startswith("clearway.runtime.")
