@@ -54,6 +54,9 @@ class ComponentObservation:
     #: Set when the component cannot become ready (crash loop, import error,
     #: never healthy): the text a user needs, usually a traceback.
     error: str | None = None
+    #: The latest trouble of a replica that is still being retried (shown when
+    #: the deploy gives up waiting): why its last process ended or was refused.
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)

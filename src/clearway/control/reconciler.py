@@ -115,10 +115,12 @@ class Reconciler:
                         for name, c in obs.components.items()
                         if c.ready < c.desired
                     )
+                    last = next((c.last_error for c in obs.components.values() if c.last_error), None)
                     self.store.fail(
                         rev.id,
                         f"not ready within {limit:.0f}s ({waiting}); raise startup_timeout= "
-                        "if the app needs longer, or check `clearway logs`",
+                        "if the app needs longer, or check `clearway logs`"
+                        + (f"\nlast error: {last}" if last else ""),
                     )
                     changed = True
         if changed:

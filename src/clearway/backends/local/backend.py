@@ -299,7 +299,7 @@ class LocalBackend:
         for revision, wanted in self._wanted.items():
             components: dict[str, ComponentObservation] = {}
             for component, count in wanted.items():
-                ready, error = 0, None
+                ready, error, last_error = 0, None, None
                 for index in range(count):
                     status = self._statuses.get(f"{revision}-{component}-{index}")
                     if status is None:
@@ -307,11 +307,15 @@ class LocalBackend:
                         if start_error and error is None:
                             error = start_error
                         continue
+                    if status.last_error and last_error is None:
+                        last_error = status.last_error
                     if status.state is ReplicaState.READY:
                         ready += 1
                     elif status.state in _FAILED_STATES and error is None:
                         error = status.last_error or f"replica {status.replica_id} is {status.state.value}"
-                components[component] = ComponentObservation(desired=count, ready=ready, error=error)
+                components[component] = ComponentObservation(
+                    desired=count, ready=ready, error=error, last_error=last_error
+                )
             result[revision] = RevisionObservation(revision=revision, components=components)
         return result
 

@@ -1,0 +1,210 @@
+"""Benchmark clearway's gateway against nginx as a reverse proxy, with wrk.
+
+Run:  python bench/gateway.py [--duration 10] [--connections 64]
+
+One backend (nginx ``return 200 "hello"``, 1 worker: the fastest thing we have,
+so that the proxies are the bottleneck) is put behind
+  (a) clearway's gateway  (``python -m clearway.gateway``, one process, uvloop), and
+  (b) nginx as a reverse proxy (``worker_processes 1``, keep-alive upstream pool),
+so both proxies get exactly one process.  wrk drives the backend directly and
+each proxy in the same run, all on 127.0.0.1.
+
+Two measurements per target:
+  1. saturation: ``wrk -c N`` closed loop, requests/s;
+  2. latency at half of *each proxy's* saturation rate: wrk with a Lua ``delay()``
+     think-time per connection (wrk2 is not available), which approximates a
+     constant request rate; the backend is measured directly at the same rate and
+     its p50/p99 subtracted, giving the latency the proxy *adds*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+LATENCY_CONNECTIONS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def nginx(tmp: Path, name: str, server_block: str, upstream: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    prefix = tmp / name
+    prefix.mkdir()
+    (prefix / "logs").mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"""
+user root;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    {upstream}
+    server {{
+        {server_block}
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def clearway_gateway(tmp: Path, port: int, backend_port: int) -> Iterator[subprocess.Popen[bytes]]:
+    routes = tmp / "routes.json"
+    routes.write_text(
+        json.dumps(
+            {
+                "version": 1, "generation": 1, "domains": ["localhost"],
+                "routes": [{"app": "bench", "host": "bench", "prefix": "/",
+                            "targets": [{"revision": "bench-1", "weight": 100,
+                                         "endpoints": [f"127.0.0.1:{backend_port}"]}]}],
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clearway.gateway", "--listen", f"127.0.0.1:{port}",
+         "--routes", str(routes), "--admin-socket", str(tmp / "gateway.sock")],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline() != b"READY\n":
+        raise RuntimeError("the gateway did not start")
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def wrk(url: str, duration: float, connections: int, script: Path | None = None) -> dict[str, float]:
+    cmd = [WRK, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-H", "Host: bench.localhost"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m:
+            scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+            result[f"p{pct}_ms"] = float(m.group(1)) * scale
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        result["errors"] = 1.0
+        print(f"  wrk reported errors for {url}: {errors.group(0)}", file=sys.stderr)
+    return result
+
+
+def delay_script(tmp: Path, rate: float, connections: int) -> Path:
+    """A wrk script that paces each connection so all together send ~``rate`` req/s."""
+    delay_ms = connections * 1000.0 / rate
+    path = tmp / f"pace_{int(rate)}.lua"
+    path.write_text(f"function delay()\n  return {delay_ms:.3f}\nend\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections for the saturation runs")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="clearway-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        backend_port, nginx_port, gateway_port = free_port(), free_port(), free_port()
+        backend = f'listen 127.0.0.1:{backend_port} backlog=4096; location / {{ return 200 "hello"; }}'
+        proxy = (
+            f"listen 127.0.0.1:{nginx_port} backlog=4096;"
+            " location / { proxy_pass http://backend; proxy_http_version 1.1;"
+            ' proxy_set_header Connection ""; proxy_buffering on; }'
+        )
+        upstream = f"upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 256; keepalive_requests 1000000; }}"
+        with (
+            nginx(tmp, "backend", backend),
+            nginx(tmp, "proxy", proxy, upstream),
+            clearway_gateway(tmp, gateway_port, backend_port),
+        ):
+            for port in (backend_port, nginx_port, gateway_port):
+                wait_for_port(port)
+            targets = {
+                "direct": f"http://127.0.0.1:{backend_port}/",
+                "nginx": f"http://127.0.0.1:{nginx_port}/",
+                "gateway": f"http://127.0.0.1:{gateway_port}/",
+            }
+            for url in targets.values():  # warm up pools and caches
+                wrk(url, 1, args.connections)
+            saturation = {name: wrk(url, args.duration, args.connections) for name, url in targets.items()}
+            latency: dict[str, dict[str, float]] = {}
+            for proxy_name in ("nginx", "gateway"):
+                rate = saturation[proxy_name]["rps"] / 2
+                script = delay_script(tmp, rate, LATENCY_CONNECTIONS)
+                latency[proxy_name] = wrk(targets[proxy_name], args.duration, LATENCY_CONNECTIONS, script)
+                latency[f"direct@{proxy_name}"] = wrk(targets["direct"], args.duration, LATENCY_CONNECTIONS, script)
+
+    cpus = os.cpu_count()
+    print(f"\nclearway gateway benchmark — {cpus} CPU(s), wrk -t1, {args.duration:g} s per run, all on 127.0.0.1")
+    print("backend: nginx 'return 200 \"hello\"' (1 worker); proxies: clearway gateway (1 process, uvloop)")
+    print("and nginx reverse proxy (worker_processes 1, upstream keepalive), both without access logs.\n")
+    print(f"saturation (wrk -c{args.connections}, closed loop):")
+    for name in ("direct", "nginx", "gateway"):
+        s = saturation[name]
+        print(f"  {name:8s} {s['rps']:>10.0f} req/s   p50 {s.get('p50_ms', 0):.3f} ms   p99 {s.get('p99_ms', 0):.3f} ms")
+    ratio = saturation["gateway"]["rps"] / saturation["nginx"]["rps"]
+    print(f"  ratio gateway/nginx: {ratio:.2f}x  (goal >= 0.9x)\n")
+    print(
+        f"added latency at half of each proxy's saturation rate ({LATENCY_CONNECTIONS} connections paced\n"
+        "with a wrk Lua delay() - an approximation of constant rate, not a true open loop;\n"
+        "added = proxy percentile - backend-direct percentile at the same pacing):"
+    )
+    for name in ("nginx", "gateway"):
+        p, d = latency[name], latency[f"direct@{name}"]
+        print(
+            f"  {name:8s} at {p['rps']:>8.0f} req/s: p50 {p['p50_ms']:.3f} ms (+{p['p50_ms'] - d['p50_ms']:.3f}),"
+            f" p99 {p['p99_ms']:.3f} ms (+{p['p99_ms'] - d['p99_ms']:.3f})   direct p50 {d['p50_ms']:.3f} p99 {d['p99_ms']:.3f}"
+        )
+    print("  (goal: gateway adds <= 1 ms at p99)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

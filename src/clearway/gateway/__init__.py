@@ -1,0 +1,40 @@
+"""clearway's HTTP gateway: the data plane in front of every app's replicas.
+
+One asyncio process (uvloop + httptools, no framework) that routes requests by
+Host and path prefix to replica processes, splits traffic between revisions by
+weight, holds requests for revisions with no ready replica, and exposes metrics
+and its route generation on an admin Unix socket.
+
+Run it as a process, as the control plane does::
+
+    python -m clearway.gateway --listen 127.0.0.1:8080 --routes routes.json \\
+        --admin-socket gateway.sock [--access-log access.log] [--hold-timeout 30]
+
+or in-process (tests, the platform)::
+
+    async with Gateway(RouteTable.from_json(data), port=0) as gateway:
+        print(gateway.url)
+        gateway.reload(load_routes("routes.json"))
+
+Module map: ``_routes`` (the routes file), ``_router`` (matching and balancing),
+``_proxy`` (client connections: the hot path), ``_upstream`` (replica
+connections and pools), ``_holding``, ``_metrics``, ``_access_log``,
+``_admin``, ``_error_pages``, ``_supervisor``, ``_settings``, ``_gateway``
+(lifecycle) and ``_cli``.  Only the names below are public.
+"""
+
+from ._gateway import Gateway, GatewayState, ListenError
+from ._routes import Route, RoutesError, RouteTable, Target, load_routes
+from ._settings import GatewaySettings
+
+__all__ = [
+    "Gateway",
+    "GatewaySettings",
+    "GatewayState",
+    "ListenError",
+    "Route",
+    "RouteTable",
+    "RoutesError",
+    "Target",
+    "load_routes",
+]

@@ -1,0 +1,95 @@
+"""The admin socket: a tiny HTTP/1.0 server on a Unix socket for the control plane.
+
+It is a separate listener, on a Unix socket, so that it is reachable only by
+local processes with file permissions to the socket - never by the traffic the
+gateway proxies - and so that scraping metrics never queues behind user
+requests.  Asyncio Streams are fine here: this is not the hot path.
+
+    GET /healthz   200 "ok"
+    GET /routes    {"generation": N}   (the control plane polls it after a reload)
+    GET /held      {"<revision>": <held requests>}   (what scale-from-zero will act on)
+    GET /metrics   Prometheus text format
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+__all__ = ["AdminServer"]
+
+_MAX_HEAD = 16 * 1024
+
+
+class AdminServer:
+    """Serves the admin endpoints of one gateway on a Unix socket."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        generation: Callable[[], int],
+        held: Callable[[], dict[str, int]],
+        metrics: Callable[[], bytes],
+    ) -> None:
+        self.path = Path(path)
+        self._generation = generation
+        self._held = held
+        self._metrics = metrics
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a stale socket from a previous run
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                return
+            if len(head) > _MAX_HEAD:
+                return
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            method, target = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"")
+            status, ctype, body = self._respond(method, target.split(b"?", 1)[0])
+            writer.write(
+                b"HTTP/1.0 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                % (status, b"OK" if status == 200 else b"Error", ctype.encode(), len(body))
+                + (b"" if method == b"HEAD" else body)
+            )
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    def _respond(self, method: bytes, path: bytes) -> tuple[int, str, bytes]:
+        if method not in (b"GET", b"HEAD"):
+            return 405, "text/plain", b"The admin socket only answers GET.\n"
+        if path == b"/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == b"/routes":
+            return 200, "application/json", json.dumps({"generation": self._generation()}).encode()
+        if path == b"/held":
+            return 200, "application/json", json.dumps(self._held()).encode()
+        if path == b"/metrics":
+            return 200, CONTENT_TYPE_LATEST, self._metrics()
+        return 404, "text/plain", b"Unknown admin path; try /healthz, /routes, /held or /metrics.\n"

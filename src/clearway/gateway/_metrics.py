@@ -1,0 +1,139 @@
+"""Per-revision request metrics, cheap to record and exposed via prometheus-client.
+
+The hot path must not pay for metrics: prometheus-client's own metric objects
+take a lock on every ``inc()``/``observe()``, which is measurable at tens of
+thousands of requests per second.  The gateway is single-threaded, so it keeps
+plain integer counters in a :class:`RevisionStats` per (app, revision) - the
+router hands each request a direct reference, so recording is a few attribute
+increments - and :class:`GatewayCollector` turns them into metric families only
+when ``/metrics`` is scraped.  prometheus-client still owns the exposition
+format.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+__all__ = ["DURATION_BUCKETS", "GatewayCollector", "Metrics", "RevisionStats"]
+
+#: Upper bounds (seconds) of the request-duration histogram buckets.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class RevisionStats:
+    """Counters for one (app, revision); mutated in place on the hot path."""
+
+    __slots__ = ("app", "buckets", "by_class", "duration_sum", "held", "in_flight", "revision")
+
+    def __init__(self, app: str, revision: str) -> None:
+        self.app = app
+        self.revision = revision
+        #: Responses by status class: index 0 is 1xx ... index 4 is 5xx.
+        self.by_class = [0, 0, 0, 0, 0]
+        #: Non-cumulative histogram counts; the last slot is +Inf.
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.in_flight = 0
+        self.held = 0
+
+    def record(self, status: int, duration: float) -> None:
+        """Count one finished request."""
+        index = status // 100 - 1
+        self.by_class[index if 0 <= index < 5 else 4] += 1
+        self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
+
+
+class Metrics:
+    """All :class:`RevisionStats` of one gateway, created on first use."""
+
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], RevisionStats] = {}
+        #: Requests that matched no route (404) or were malformed (400, 413).
+        self.unrouted = self.stats("", "")
+
+    def stats(self, app: str, revision: str) -> RevisionStats:
+        """The stats of (app, revision); the same object for the gateway's life."""
+        key = (app, revision)
+        found = self._stats.get(key)
+        if found is None:
+            found = self._stats[key] = RevisionStats(app, revision)
+        return found
+
+    def all(self) -> list[RevisionStats]:
+        return list(self._stats.values())
+
+    def held(self) -> dict[str, int]:
+        """Held requests per revision, for the admin ``GET /held``."""
+        counts: dict[str, int] = {}
+        for stats in self._stats.values():
+            if stats.held:
+                counts[stats.revision] = counts.get(stats.revision, 0) + stats.held
+        return counts
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(GatewayCollector(self))
+        return generate_latest(registry)
+
+
+class GatewayCollector(Collector):
+    """Turns :class:`Metrics` into Prometheus metric families at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "clearway_gateway_requests",
+            "Requests answered by the gateway, by status class.",
+            labels=["app", "revision", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "clearway_gateway_request_duration_seconds",
+            "Time from the request head to the end of the response.",
+            labels=["app", "revision"],
+        )
+        in_flight = GaugeMetricFamily(
+            "clearway_gateway_requests_in_flight",
+            "Requests being proxied right now.",
+            labels=["app", "revision"],
+        )
+        held = GaugeMetricFamily(
+            "clearway_gateway_held_requests",
+            "Requests waiting for the revision to get a ready replica.",
+            labels=["app", "revision"],
+        )
+        for stats in self._metrics.all():
+            labels = [stats.app, stats.revision]
+            for name, count in zip(_CLASSES, stats.by_class, strict=True):
+                if count:
+                    requests.add_metric([*labels, name], count)
+            total = 0
+            cumulative: list[tuple[str, float]] = []
+            for bound, count in zip(DURATION_BUCKETS, stats.buckets, strict=False):
+                total += count
+                cumulative.append((repr(bound), total))
+            total += stats.buckets[-1]
+            cumulative.append(("+Inf", total))
+            duration.add_metric(labels, cumulative, stats.duration_sum)
+            in_flight.add_metric(labels, stats.in_flight)
+            held.add_metric(labels, stats.held)
+        yield requests
+        yield duration
+        yield in_flight
+        yield held

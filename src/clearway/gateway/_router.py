@@ -1,0 +1,208 @@
+"""The route table compiled for the hot path: match, pick a revision, pick a replica.
+
+A :class:`RouteTable` is plain data; a :class:`Router` is the same table bound
+to one gateway's live objects - the :class:`Endpoint` pools and the
+:class:`RevisionStats` counters - and indexed so that a request costs one dict
+lookup on its Host plus a short scan of that host's prefixes, longest first.
+A reload builds a new Router and swaps one reference, so a request never sees
+half a table.
+
+Endpoint objects outlive reloads (the :class:`EndpointRegistry` keys them by
+address), so in-flight counts and pooled connections carry over when a
+replica stays in the table.
+
+Balancing choices and why:
+
+* Revisions: weighted random over targets with weight > 0, unless the route's
+  pin header names a revision (then that one, even at weight 0 - this is how
+  a new revision is smoke-tested before it gets traffic).
+* Replicas: least outstanding requests between two randomly chosen ones
+  ("power of two choices"): nearly as good as global least-loaded and O(1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from bisect import bisect_right
+from itertools import accumulate
+
+from ._metrics import Metrics, RevisionStats
+from ._routes import Route, RouteTable
+from ._settings import GatewaySettings
+from ._upstream import Endpoint
+
+__all__ = ["BoundRoute", "BoundTarget", "EndpointRegistry", "Router"]
+
+
+class BoundTarget:
+    """A revision of a route, with live endpoints and counters."""
+
+    __slots__ = ("endpoints", "revision", "stats", "weight")
+
+    def __init__(self, revision: str, weight: int, endpoints: list[Endpoint], stats: RevisionStats) -> None:
+        self.revision = revision
+        self.weight = weight
+        self.endpoints = endpoints
+        self.stats = stats
+
+
+class BoundRoute:
+    """A route, with its prefix as bytes and its targets' weights pre-summed."""
+
+    __slots__ = (
+        "_cumulative",
+        "_rng",
+        "_total",
+        "_weighted",
+        "app",
+        "pin_header",
+        "prefix",
+        "route",
+        "strip_prefix",
+        "targets",
+        "timeout",
+    )
+
+    def __init__(self, route: Route, targets: list[BoundTarget], rng: random.Random) -> None:
+        self.route = route
+        self.app = route.app
+        self.prefix = route.prefix.encode("latin-1")
+        self.strip_prefix = route.strip_prefix and route.prefix != "/"
+        self.timeout = route.timeout
+        self.pin_header = route.pin_header.encode("latin-1")
+        self.targets = targets
+        self._weighted = [t for t in targets if t.weight > 0]
+        self._cumulative = list(accumulate(t.weight for t in self._weighted))
+        self._total = self._cumulative[-1] if self._cumulative else 0
+        self._rng = rng
+
+    def matches(self, path: bytes) -> bool:
+        prefix = self.prefix
+        if prefix == b"/":
+            return True
+        return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == 0x2F)
+
+    def forward_path(self, path: bytes) -> bytes:
+        """The path sent upstream (``strip_prefix`` keeps a leading slash)."""
+        if not self.strip_prefix:
+            return path
+        rest = path[len(self.prefix):]
+        return rest if rest.startswith(b"/") else b"/" + rest
+
+    def pick_target(self, pinned: bytes | None) -> BoundTarget | None:
+        """The revision for one request; None if the route has no weighted target."""
+        if pinned is not None:
+            name = pinned.decode("latin-1").strip()
+            for target in self.targets:
+                if target.revision == name:
+                    return target
+        weighted = self._weighted
+        if len(weighted) == 1:
+            return weighted[0]
+        if not weighted:
+            return None
+        point = self._rng.random() * self._total
+        return weighted[bisect_right(self._cumulative, point)]
+
+    def target_named(self, revision: str) -> BoundTarget | None:
+        for target in self.targets:
+            if target.revision == revision:
+                return target
+        return None
+
+    def pick_endpoint(self, target: BoundTarget, exclude: set[Endpoint] | None = None) -> Endpoint | None:
+        """Power of two choices on in-flight counts; None if nothing is left."""
+        endpoints = target.endpoints
+        if exclude:
+            endpoints = [e for e in endpoints if e not in exclude]
+        count = len(endpoints)
+        if count == 1:
+            return endpoints[0]
+        if count == 0:
+            return None
+        if count == 2:
+            a, b = endpoints
+        else:
+            i = self._rng.randrange(count)
+            j = self._rng.randrange(count - 1)
+            a, b = endpoints[i], endpoints[j + 1 if j >= i else j]
+        if a.in_flight == b.in_flight:
+            return a if self._rng.random() < 0.5 else b
+        return a if a.in_flight < b.in_flight else b
+
+
+class EndpointRegistry:
+    """One :class:`Endpoint` per address for the life of the gateway."""
+
+    def __init__(self, settings: GatewaySettings, loop: asyncio.AbstractEventLoop) -> None:
+        self._settings = settings
+        self._loop = loop
+        self._endpoints: dict[str, Endpoint] = {}
+
+    def get(self, address: str) -> Endpoint:
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            endpoint = self._endpoints[address] = Endpoint(address, self._settings, self._loop)
+        return endpoint
+
+    def keep_only(self, addresses: set[str]) -> None:
+        """Retire every endpoint not in ``addresses`` (closing its idle connections)."""
+        for address in list(self._endpoints):
+            if address not in addresses:
+                self._endpoints.pop(address).retire()
+
+    def close_all(self) -> None:
+        for endpoint in self._endpoints.values():
+            endpoint.retire()
+        self._endpoints.clear()
+
+    def all(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+
+class Router:
+    """A :class:`RouteTable` indexed by host, bound to live endpoints and stats."""
+
+    __slots__ = ("_by_host", "generation", "table")
+
+    def __init__(
+        self,
+        table: RouteTable,
+        endpoints: EndpointRegistry,
+        metrics: Metrics,
+        rng: random.Random,
+    ) -> None:
+        self.table = table
+        self.generation = table.generation
+        by_host: dict[bytes, list[BoundRoute]] = {}
+        for route in table.routes:
+            targets = [
+                BoundTarget(
+                    t.revision,
+                    t.weight,
+                    [endpoints.get(address) for address in dict.fromkeys(t.endpoints)],
+                    metrics.stats(route.app, t.revision),
+                )
+                for t in route.targets
+            ]
+            bound = BoundRoute(route, targets, rng)
+            names = {route.host} | {f"{route.host}.{domain}" for domain in table.domains}
+            for name in names:
+                by_host.setdefault(name.encode("latin-1"), []).append(bound)
+        for routes in by_host.values():
+            routes.sort(key=lambda r: len(r.prefix), reverse=True)
+        self._by_host = by_host
+
+    def addresses(self) -> set[str]:
+        return {e for r in self.table.routes for t in r.targets for e in t.endpoints}
+
+    def match(self, host: bytes, path: bytes) -> BoundRoute | None:
+        """The route for a lowercased, port-less Host and a path (no query)."""
+        routes = self._by_host.get(host)
+        if routes is None:
+            return None
+        for route in routes:
+            if route.matches(path):
+                return route
+        return None

@@ -1,0 +1,201 @@
+"""The routes file: what the control plane tells the gateway to serve.
+
+The control plane writes ``routes.json`` atomically (write + rename) and sends
+SIGHUP; the gateway parses it into a :class:`RouteTable`.  The table is plain,
+immutable data with no sockets or counters attached, so it can be built by
+tests, compared, and handed to several gateways; the hot-path structure
+compiled from it lives in ``_router.py``.
+
+Parsing is strict: a table the gateway does not fully understand is refused
+with a :class:`RoutesError` that names the bad field, and the caller keeps
+serving the previous table.  A half-understood table would send traffic to the
+wrong place, which is worse than serving a stale one for a moment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clearway.exceptions import ClearwayError
+
+__all__ = ["Route", "RouteTable", "RoutesError", "Target", "load_routes"]
+
+#: The only routes-file format this gateway reads.
+ROUTES_VERSION = 1
+
+
+class RoutesError(ClearwayError):
+    """The routes file is missing, is not JSON, or does not follow version 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One revision of an app and the replica endpoints serving it."""
+
+    revision: str
+    weight: int
+    #: ``"127.0.0.1:40123"`` strings; empty while the revision has no ready replica.
+    endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Requests for ``host`` under ``prefix`` go to one of ``targets``."""
+
+    app: str
+    host: str
+    targets: tuple[Target, ...]
+    prefix: str = "/"
+    strip_prefix: bool = False
+    #: Seconds the replica has to start answering (response head) before a 504.
+    timeout: float = 60.0
+    #: A request header naming a revision sends the request to that revision.
+    pin_header: str = "x-clearway-revision"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """Everything the gateway serves, as of one control-plane ``generation``."""
+
+    routes: tuple[Route, ...] = ()
+    domains: tuple[str, ...] = ()
+    generation: int = 0
+
+    @classmethod
+    def from_json(cls, data: Any) -> RouteTable:
+        """Build a table from the decoded JSON of a version-1 routes file."""
+        if not isinstance(data, Mapping):
+            raise RoutesError("the routes file must hold a JSON object")
+        version = data.get("version")
+        if version != ROUTES_VERSION:
+            raise RoutesError(
+                f"the routes file has version {version!r}, this gateway reads version "
+                f"{ROUTES_VERSION}; upgrade clearway so both sides agree"
+            )
+        generation = _int(data.get("generation", 0), "generation")
+        domains = tuple(
+            _str(d, "domains[]").lower().strip(".") for d in _list(data.get("domains", []), "domains")
+        )
+        routes = tuple(
+            _route(r, f"routes[{i}]") for i, r in enumerate(_list(data.get("routes", []), "routes"))
+        )
+        return cls(routes=routes, domains=domains, generation=generation)
+
+    def to_json(self) -> dict[str, Any]:
+        """The table as version-1 JSON data (the inverse of :meth:`from_json`)."""
+        return {
+            "version": ROUTES_VERSION,
+            "generation": self.generation,
+            "domains": list(self.domains),
+            "routes": [
+                {
+                    "app": r.app,
+                    "host": r.host,
+                    "prefix": r.prefix,
+                    "strip_prefix": r.strip_prefix,
+                    "timeout": r.timeout,
+                    "pin_header": r.pin_header,
+                    "targets": [
+                        {"revision": t.revision, "weight": t.weight, "endpoints": list(t.endpoints)}
+                        for t in r.targets
+                    ],
+                }
+                for r in self.routes
+            ],
+        }
+
+
+def load_routes(path: str | Path) -> RouteTable:
+    """Read and parse a routes file; raise :class:`RoutesError` if it is unusable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RoutesError(f"cannot read the routes file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RoutesError(f"the routes file {path} is not valid JSON: {exc}") from exc
+    try:
+        return RouteTable.from_json(data)
+    except RoutesError as exc:
+        raise RoutesError(f"{path}: {exc}") from None
+
+
+def _route(data: Any, where: str) -> Route:
+    if not isinstance(data, Mapping):
+        raise RoutesError(f"{where} must be an object")
+    prefix = _str(data.get("prefix", "/"), f"{where}.prefix")
+    if not prefix.startswith("/"):
+        raise RoutesError(f"{where}.prefix must start with '/', got {prefix!r}")
+    if len(prefix) > 1:
+        prefix = prefix.rstrip("/") or "/"
+    timeout = data.get("timeout", 60.0)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise RoutesError(f"{where}.timeout must be a positive number of seconds")
+    strip = data.get("strip_prefix", False)
+    if not isinstance(strip, bool):
+        raise RoutesError(f"{where}.strip_prefix must be true or false")
+    targets = tuple(
+        _target(t, f"{where}.targets[{i}]")
+        for i, t in enumerate(_list(data.get("targets", []), f"{where}.targets"))
+    )
+    host = _str(data.get("host"), f"{where}.host").lower().strip(".")
+    if not host:
+        raise RoutesError(f"{where}.host must not be empty")
+    return Route(
+        app=_str(data.get("app"), f"{where}.app"),
+        host=host,
+        targets=targets,
+        prefix=prefix,
+        strip_prefix=strip,
+        timeout=float(timeout),
+        pin_header=_str(data.get("pin_header", "x-clearway-revision"), f"{where}.pin_header").lower(),
+    )
+
+
+def _target(data: Any, where: str) -> Target:
+    if not isinstance(data, Mapping):
+        raise RoutesError(f"{where} must be an object")
+    weight = _int(data.get("weight", 0), f"{where}.weight")
+    if weight < 0:
+        raise RoutesError(f"{where}.weight must not be negative")
+    endpoints = tuple(
+        _endpoint(e, f"{where}.endpoints[]") for e in _list(data.get("endpoints", []), f"{where}.endpoints")
+    )
+    return Target(revision=_str(data.get("revision"), f"{where}.revision"), weight=weight, endpoints=endpoints)
+
+
+def _endpoint(value: Any, where: str) -> str:
+    text = _str(value, where)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RoutesError(f"{where} must look like '127.0.0.1:40123', got {text!r}")
+    return text
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise RoutesError(f"{where} must be a string")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RoutesError(f"{where} must be an integer")
+    return value
+
+
+def _list(value: Any, where: str) -> Sequence[Any]:
+    if not isinstance(value, list):
+        raise RoutesError(f"{where} must be a list")
+    return value

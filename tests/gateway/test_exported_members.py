@@ -1,0 +1,12 @@
+"""The public API of clearway.gateway is exactly what __init__ re-exports."""
+
+import clearway.gateway
+
+
+def test_exported_members() -> None:
+    assert sorted(clearway.gateway.__all__) == [
+        "Gateway", "GatewaySettings", "GatewayState", "ListenError", "Route",
+        "RouteTable", "RoutesError", "Target", "load_routes",
+    ]
+    for name in clearway.gateway.__all__:
+        assert getattr(clearway.gateway, name).__module__.startswith("clearway.gateway.")

@@ -1,0 +1,60 @@
+"""The routes file: parsing, validation and the errors it gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clearway.gateway import RoutesError, RouteTable, load_routes
+
+EXAMPLE = {
+    "version": 1,
+    "generation": 17,
+    "domains": ["localhost", "apps.example.com"],
+    "routes": [
+        {
+            "app": "hello", "host": "hello", "prefix": "/", "strip_prefix": False, "timeout": 60.0,
+            "pin_header": "x-clearway-revision",
+            "targets": [
+                {"revision": "hello-3", "weight": 90, "endpoints": ["127.0.0.1:40123", "127.0.0.1:40124"]},
+                {"revision": "hello-4", "weight": 10, "endpoints": []},
+            ],
+        }
+    ],
+}
+
+
+def test_parses_the_documented_example(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps(EXAMPLE))
+    table = load_routes(path)
+    assert table.generation == 17
+    assert table.domains == ("localhost", "apps.example.com")
+    (route,) = table.routes
+    assert [t.revision for t in route.targets] == ["hello-3", "hello-4"]
+    assert route.targets[0].endpoints == ("127.0.0.1:40123", "127.0.0.1:40124")
+    assert RouteTable.from_json(table.to_json()) == table
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"version": 2}, "version 2"),
+        ({"routes": [{"app": "a", "host": "a", "prefix": "nope", "targets": []}]}, "prefix must start"),
+        ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": -1}]}]}, "weight"),
+        ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["x"]}]}]}, "127.0.0.1:40123"),
+    ],
+)
+def test_refuses_bad_tables_with_a_clear_error(patch: dict[str, object], message: str) -> None:
+    with pytest.raises(RoutesError, match=message):
+        RouteTable.from_json({**EXAMPLE, **patch})
+
+
+def test_unreadable_file_is_a_routes_error(tmp_path: Path) -> None:
+    with pytest.raises(RoutesError, match="cannot read"):
+        load_routes(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RoutesError, match="not valid JSON"):
+        load_routes(tmp_path / "bad.json")

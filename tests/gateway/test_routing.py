@@ -1,0 +1,97 @@
+"""Routing by host, domain and prefix; revision split, pinning and holding."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+import pytest
+
+from .conftest import GatewayFactory, route, table, until
+from .replica import Replica
+
+
+async def test_routes_by_host_domain_and_longest_prefix(
+    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    gw = await start_gateway(
+        table(
+            route("web", [replica.address]),
+            route("api", [replica2.address], host="web", prefix="/api", strip_prefix=True),
+            route("full", [replica2.address], host="full.example.org"),
+            domains=("localhost", "apps.example.com"),
+        )
+    )
+
+    async def get(host: str, path: str) -> httpx.Response:
+        return await client.get(f"{gw.url}{path}", headers={"host": host})
+
+    r = await get("web.localhost", "/x")
+    assert r.json()["replica"] == "r1"
+    r = await get("WEB.apps.example.com:8080", "/api/users?q=1")
+    assert (r.json()["replica"], r.json()["path"], r.json()["query"]) == ("r2", "/users", "q=1")
+    r = await get("web.localhost", "/api")
+    assert (r.json()["replica"], r.json()["path"]) == ("r2", "/")
+    r = await get("web.localhost", "/apix")  # not on a segment boundary: the "/" route
+    assert (r.json()["replica"], r.json()["path"]) == ("r1", "/apix")
+    r = await get("full.example.org", "/")
+    assert r.json()["replica"] == "r2"
+    r = await get("web", "/")  # the bare route host matches too
+    assert r.json()["replica"] == "r1"
+
+    r = await get("other.localhost", "/some/where")
+    assert r.status_code == 404
+    assert "no app is served at host other.localhost path /some/where" in r.text.lower()
+    assert "clearway status" in r.text
+
+
+async def test_weighted_split_and_header_pin(
+    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    gw = await start_gateway(
+        table(
+            {
+                "app": "hello", "host": "hello",
+                "targets": [
+                    {"revision": "hello-1", "weight": 80, "endpoints": [replica.address]},
+                    {"revision": "hello-2", "weight": 20, "endpoints": [replica2.address]},
+                    {"revision": "hello-3", "weight": 0, "endpoints": [replica2.address]},
+                ],
+            }
+        )
+    )
+    seen = Counter()
+    for _ in range(200):
+        r = await client.get(f"{gw.url}/", headers={"host": "hello.localhost"})
+        seen[r.json()["replica"]] += 1
+    assert 120 <= seen["r1"] <= 190, seen  # 160 expected
+    for _ in range(5):
+        r = await client.get(
+            f"{gw.url}/", headers={"host": "hello.localhost", "x-clearway-revision": "hello-3"}
+        )
+        assert r.json()["replica"] == "r2"
+        assert ["x-clearway-revision", "hello-3"] in r.json()["headers"]
+
+
+@pytest.mark.timeout(20)
+async def test_held_request_is_released_by_a_reload(
+    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    pending = asyncio.create_task(client.get(f"{gw.url}/wake", headers={"host": "cold.localhost"}))
+    await until(lambda: gw.held() == {"cold-1": 1})
+    assert b'clearway_gateway_held_requests{app="cold",revision="cold-1"} 1.0' in gw.metrics_text()
+    gw.reload(table(route("cold", [replica.address]), generation=2))
+    r = await pending
+    assert r.status_code == 200 and r.json()["path"] == "/wake"
+    assert gw.held() == {}
+
+
+@pytest.mark.timeout(10)
+async def test_hold_times_out_with_503(start_gateway: GatewayFactory, client: httpx.AsyncClient) -> None:
+    gw = await start_gateway(table(route("cold", [])), hold_timeout=0.2)
+    r = await client.get(f"{gw.url}/", headers={"host": "cold.localhost"})
+    assert r.status_code == 503
+    assert "became ready within 0.2 s" in r.text
+    assert r.headers["content-type"].startswith("text/plain")
