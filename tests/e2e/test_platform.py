@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -236,3 +238,25 @@ def test_down_stops_everything(tmp_path: Path) -> None:
     assert not (platform.home / "control.json").exists()
     again = platform.cli("status", check=False)
     assert again.returncode == 1 and "clearway up --detach" in again.stderr
+
+
+def test_a_killed_gateway_is_replaced_and_serves_the_same_routes(platform: Platform, tmp_path: Path) -> None:
+    platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("routed", replicas=1))))
+    record = platform.home / "gateway.json"
+    old_pid = json.loads(record.read_text())["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    def answered() -> bool:
+        try:
+            return platform.get("demo").text == "routed"
+        except httpx.TransportError:
+            return False
+
+    def replaced() -> bool:
+        # The new gateway answers a moment before its record is rewritten.
+        return record.exists() and json.loads(record.read_text())["pid"] != old_pid
+
+    deadline = time.monotonic() + 60
+    while not (answered() and replaced()):
+        assert time.monotonic() < deadline, "no new gateway served the app within 60s"
+    assert "exited; starting a new one" in (platform.home / "logs" / "control.log").read_text()

@@ -33,6 +33,7 @@ with its exit code.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from clearway.exceptions import RuntimeStartError
@@ -57,7 +58,16 @@ def sandbox_argv(spec: ReplicaSpec, command: list[str], *, bwrap: str) -> list[s
     """Wrap ``command`` so it runs inside the sandbox described above."""
     code_dir = str(Path(spec.code_dir).resolve())
     workdir = str(Path(spec.workdir).resolve())
-    python_prefix = str(Path(spec.python).resolve().parent.parent)
+    # The interpreter's real prefix, the virtualenv it is called through, and
+    # every import root (an editable install points outside both).
+    readable = sorted(
+        {
+            str(Path(spec.python).resolve().parent.parent),
+            str(Path(spec.python).absolute().parent.parent),
+            *(str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir()),
+        }
+    )
+    binds = [arg for path in readable for arg in ("--ro-bind", path, path)]
     return [
         bwrap,
         "--ro-bind", "/", "/",
@@ -66,7 +76,7 @@ def sandbox_argv(spec: ReplicaSpec, command: list[str], *, bwrap: str) -> list[s
         "--tmpfs", "/tmp",
         # Re-expose what lives under /tmp on hosts (and in tests) that keep things there;
         # later mounts win, so these go after the private /tmp.
-        "--ro-bind", python_prefix, python_prefix,
+        *binds,
         "--ro-bind", code_dir, code_dir,
         "--bind", workdir, workdir,
         "--chdir", workdir,

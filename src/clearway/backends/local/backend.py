@@ -41,6 +41,7 @@ from clearway.runtime import (
     ReplicaStatus,
     Supervisor,
     follow_log,
+    rotate_log,
     tail_log,
 )
 from clearway.spec.model import AppSpec, ServiceSpec
@@ -49,6 +50,10 @@ log = logging.getLogger("clearway.backends.local")
 
 #: The header that pins a request to one revision (previews, canary checks).
 PIN_HEADER = "x-clearway-revision"
+
+#: Size at which the gateway's own log and its access log are rotated, and copies kept.
+PLATFORM_LOG_MAX_BYTES = 50 * 1024 * 1024
+PLATFORM_LOG_KEEP = 3
 
 #: How long a restarted control plane waits for adopted replicas' first probes.
 ADOPT_SETTLE_TIMEOUT = 10.0
@@ -95,6 +100,7 @@ class LocalBackend:
         except (OSError, ValueError):
             self._generation = 0
         await self.gateway.start_or_adopt(self._table([]))
+        self.gateway.on_exit = self._gateway_exited
         adopted_ids: list[str] = []
         for record in self.records.all():
             self._specs[record.spec.replica_id] = record.spec
@@ -176,7 +182,18 @@ class LocalBackend:
             startup_timeout=comp.startup_timeout,
         )
 
+    def _gateway_exited(self) -> None:
+        log.error("the gateway (pid %s) exited; starting a new one (see %s)", self.gateway.pid, self.gateway.log_path)
+        for callback in self._listeners:
+            callback()
+
     async def apply(self, desired: DesiredState) -> None:
+        if not self.gateway.running:
+            # It crashed or was killed: the route table is on disk, so a new
+            # gateway serves exactly what the old one did.
+            await self.gateway.start_or_adopt(self._table(self._routes or []))
+            self.gateway.on_exit = self._gateway_exited
+        self._rotate_platform_logs()
         wanted: dict[str, ReplicaSpec] = {}
         self._workloads = {w.revision: w for w in desired.workloads}
         self._wanted = {w.revision: dict(w.replicas) for w in desired.workloads}
@@ -216,6 +233,12 @@ class LocalBackend:
                 if loaded is not None and loaded >= needed:
                     del self._draining[replica_id]
                     self._stop_later(replica_id)
+
+    def _rotate_platform_logs(self) -> None:
+        # The gateway appends to these files (O_APPEND), so copy-and-truncate
+        # rotation is safe while it runs; replica logs are the supervisor's.
+        for path in (self.gateway.log_path, self.gateway.access_log):
+            rotate_log(path, max_bytes=PLATFORM_LOG_MAX_BYTES, keep=PLATFORM_LOG_KEEP)
 
     def _stop_later(self, replica_id: str) -> None:
         async def stop() -> None:

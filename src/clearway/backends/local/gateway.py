@@ -18,17 +18,16 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from clearway.exceptions import RuntimeStartError
-from clearway.runtime.process import is_alive, read_start_time
+from clearway.runtime.process import ProcessWatch, is_alive, read_start_time
 
 #: How long a fresh gateway may take to answer on its admin socket.
 START_TIMEOUT = 20.0
@@ -46,6 +45,10 @@ class GatewayProcess:
         self.access_log = home / "logs" / "access.log"
         self.record_path = home / "gateway.json"
         self.pid: int | None = None
+        self._start_time: int | None = None
+        self._exit: ProcessWatch | None = None
+        #: Called when the gateway process ends (the backend restarts it).
+        self.on_exit: Callable[[], None] = lambda: None
         self._client = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(self.admin_socket)),
             base_url="http://gateway",
@@ -72,56 +75,72 @@ class GatewayProcess:
             # The platform was restarted on another port: replace the gateway.
             os.kill(pid, signal.SIGTERM)
             return False
-        self.pid = pid
+        self._watch(pid)
         return True
 
     async def _start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.admin_socket.unlink(missing_ok=True)
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [
-                    self.python,
-                    "-m",
-                    "clearway.gateway",
-                    "--listen",
-                    f"{self.host}:{self.port}",
-                    "--routes",
-                    str(self.routes_path),
-                    "--admin-socket",
-                    str(self.admin_socket),
-                    "--access-log",
-                    str(self.access_log),
+        argv = [
+            self.python,
+            "-m",
+            "clearway.gateway",
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--routes",
+            str(self.routes_path),
+            "--admin-socket",
+            str(self.admin_socket),
+            "--access-log",
+            str(self.access_log),
+        ]
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # posix_spawn rather than Popen: the gateway is meant to outlive us,
+            # and a Popen object would complain when dropped with it running.
+            pid = os.posix_spawn(  # noqa: ASYNC221 - returns as soon as the child exists
+                self.python,
+                argv,
+                dict(os.environ),
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
                 ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
+                setsid=True,
             )
+        finally:
+            os.close(log_fd)
+        watch = ProcessWatch(pid)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            code = proc.poll()
-            if code is not None:
-                raise RuntimeStartError(self._failure_text(code))
+            if watch.exited.done():
+                raise RuntimeStartError(self._failure_text(watch.exited.result().code))
             if await self._healthy():
                 break
             if time.monotonic() > deadline:
-                proc.kill()
+                os.kill(pid, signal.SIGKILL)
                 raise RuntimeStartError(
                     f"the gateway did not come up within {START_TIMEOUT:.0f}s; see {self.log_path}"
                 )
             await asyncio.sleep(0.05)
-        self.pid = proc.pid
-        # The gateway outlives us if we crash; while we are its parent, a daemon
-        # thread reaps it so that it never lingers as a zombie that looks alive.
-        threading.Thread(target=proc.wait, name="gateway-reaper", daemon=True).start()
-        self.record_path.write_text(
-            json.dumps(
-                {"pid": proc.pid, "start_time": read_start_time(proc.pid), "host": self.host, "port": self.port}
-            )
-        )
+        self._watch(pid, watch)
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": pid, "start_time": self._start_time, "host": self.host, "port": self.port}))
+        os.replace(tmp, self.record_path)
 
-    def _failure_text(self, code: int) -> str:
+    def _watch(self, pid: int, watch: ProcessWatch | None = None) -> None:
+        """Follow the gateway's exit (our child or adopted) so a crash is noticed at once."""
+        self.pid = pid
+        self._start_time = read_start_time(pid)
+        self._exit = watch or ProcessWatch(pid)
+        self._exit.exited.add_done_callback(lambda _: self.on_exit())
+
+    @property
+    def running(self) -> bool:
+        return self._exit is not None and not self._exit.exited.done()
+
+    def _failure_text(self, code: int | None) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
@@ -173,13 +192,19 @@ class GatewayProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while is_alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if is_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        exit_watch = self._exit
+        self.on_exit = lambda: None
+        if exit_watch is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(exit_watch.exited), 15)
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                await exit_watch.exited
         self.record_path.unlink(missing_ok=True)
         self.pid = None
 
     async def close(self) -> None:
+        self.on_exit = lambda: None
+        if self._exit is not None:
+            self._exit.close()
         await self._client.aclose()
