@@ -175,6 +175,8 @@ def test_logs_show_replica_output(platform: Platform) -> None:
             break
         platform.get("hello", "/")  # let time pass on the platform's clock, not ours
     assert "[hello-1-janitor-0] janitor: sweep #1" in deadline_lines
+    as_json = [json.loads(line) for line in platform.cli("logs", "hello", "-c", "janitor", "--json").stdout.splitlines()]
+    assert {"replica": "hello-1-janitor-0", "line": "janitor: sweep #1"} in as_json
 
 
 def test_metrics_count_requests_per_revision(platform: Platform, tmp_path: Path) -> None:
@@ -260,3 +262,34 @@ def test_a_killed_gateway_is_replaced_and_serves_the_same_routes(platform: Platf
     while not (answered() and replaced()):
         assert time.monotonic() < deadline, "no new gateway served the app within 60s"
     assert "exited; starting a new one" in (platform.home / "logs" / "control.log").read_text()
+
+
+def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    platform = Platform(home=tmp_path / "home", port=free_port())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clearway.cli.main", "--home", str(platform.home), "up", "--port", str(platform.port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while platform.cli("status", check=False).returncode != 0:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the foreground control plane never answered"
+        platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("fg", replicas=1))))
+        pids = [r["pid"] for r in platform.status("demo")["replicas"]]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        platform.down()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

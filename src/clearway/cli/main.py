@@ -294,9 +294,12 @@ def status(ctx: click.Context, app: str | None, as_json: bool) -> None:
 @click.option("--tail", "-n", type=click.IntRange(0, 100_000), default=100, show_default=True, help="Lines of history per replica.")
 @click.option("--component", "-c", help="Only this component's replicas.")
 @click.option("--revision", "-r", help="Only this revision's replicas.")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object a line: {"replica": ..., "line": ...}.')
 @click.pass_context
 @run_command
-def logs(ctx: click.Context, app: str, follow: bool, tail: int, component: str | None, revision: str | None) -> None:
+def logs(
+    ctx: click.Context, app: str, follow: bool, tail: int, component: str | None, revision: str | None, as_json: bool
+) -> None:
     """Print an app's replica logs."""
     client = client_of(ctx)
     params: dict[str, Any] = {"follow": follow, "tail": tail}
@@ -306,7 +309,12 @@ def logs(ctx: click.Context, app: str, follow: bool, tail: int, component: str |
         params["revision"] = revision
     try:
         for line in client.stream_lines(f"/v1/apps/{app}/logs", params):
-            out.print(line, markup=False)
+            if as_json:
+                replica, _, text = line.partition("] ")
+                sys.stdout.write(json.dumps({"replica": replica.lstrip("["), "line": text}) + "\n")
+                sys.stdout.flush()
+            else:
+                out.print(line, markup=False)
     except KeyboardInterrupt:
         pass
 

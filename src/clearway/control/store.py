@@ -175,6 +175,7 @@ class Store:
     def delete_app(self, app: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
+            db.execute("DELETE FROM events WHERE app=?", (app,))
             db.execute("DELETE FROM apps WHERE name=?", (app,))
 
     # -- revisions ----------------------------------------------------------
