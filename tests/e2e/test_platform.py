@@ -164,6 +164,9 @@ def test_scale_and_rollback(platform: Platform, tmp_path: Path) -> None:
     platform.cli("rollback", "demo")
     assert platform.get("demo").text == "one"
     assert platform.status("demo")["active_revision"] == "demo-1"
+    platform.cli("destroy", "demo", "--yes")
+    assert platform.get("demo").status_code == 404
+    assert "no app named 'demo'" in platform.cli("status", "demo", check=False).stderr
 
 
 def test_logs_show_replica_output(platform: Platform) -> None:

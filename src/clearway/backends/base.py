@@ -111,6 +111,9 @@ class Backend(Protocol):
     async def apply(self, desired: DesiredState) -> None:
         """Converge towards ``desired`` (idempotent; called on every pass)."""
 
+    async def converged(self) -> None:
+        """Return once the data plane routes as the last ``apply`` asked."""
+
     def observe(self) -> Mapping[str, RevisionObservation]:
         """Readiness per revision that the backend runs."""
 

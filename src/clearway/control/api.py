@@ -195,6 +195,7 @@ def create_api(
         store.delete_app(name)
         reconciler.poke()
         await reconciler.wait_pass()
+        await backend.converged()
         return {"deleted": name}
 
     @api.get("/v1/revisions/{rev_id}", dependencies=auth, tags=["apps"])

@@ -70,9 +70,11 @@ class Reconciler:
             target = self._passes + 1
             await self._pass_done.wait_for(lambda: self._passes >= target)
 
-    def desired_state(self) -> DesiredState:
+    def desired_state(self, promoting: frozenset[str] = frozenset()) -> DesiredState:
+        """The whole desired state; ``promoting`` revisions get the traffic of their apps."""
         scales = {a.name: a.scale for a in self.store.apps()}
         running = self.store.revisions(states={RevisionState.STARTING, RevisionState.ACTIVE})
+        promoted_apps = {r.app for r in running if r.id in promoting}
         workloads = [
             Workload(
                 app=r.app,
@@ -87,7 +89,10 @@ class Reconciler:
         ]
         traffic: dict[str, list[TrafficTarget]] = {}
         for r in running:
-            weight = 100 if r.state is RevisionState.ACTIVE else 0
+            if r.app in promoted_apps:
+                weight = 100 if r.id in promoting else 0
+            else:
+                weight = 100 if r.state is RevisionState.ACTIVE else 0
             traffic.setdefault(r.app, []).append(TrafficTarget(revision=r.id, weight=weight))
         return DesiredState(workloads=workloads, traffic=traffic)
 
@@ -95,6 +100,7 @@ class Reconciler:
         await self.backend.apply(self.desired_state())
         observed = self.backend.observe()
         changed = False
+        ready: list[str] = []
         for rev in self.store.revisions(states={RevisionState.STARTING}):
             obs = observed.get(rev.id)
             if obs is None:
@@ -104,9 +110,7 @@ class Reconciler:
                 self.store.fail(rev.id, obs.error)
                 changed = True
             elif obs.ready:
-                log.info("revision %s is ready; switching traffic", rev.id)
-                self.store.activate(rev.id)
-                changed = True
+                ready.append(rev.id)
             elif rev.started_at is not None:
                 limit = max((c.startup_timeout for c in rev.spec.components), default=60.0)
                 if self.clock() - rev.started_at > limit + STARTUP_MARGIN:
@@ -123,6 +127,16 @@ class Reconciler:
                         + (f"\nlast error: {last}" if last else ""),
                     )
                     changed = True
+        if ready:
+            # Move the traffic first and mark the revision active only once the
+            # data plane serves it: "active" then means "answering requests".
+            # A crash in between leaves it STARTING, and the next pass redoes this.
+            log.info("revisions %s are ready; switching traffic", ", ".join(ready))
+            await self.backend.apply(self.desired_state(promoting=frozenset(ready)))
+            await self.backend.converged()
+            for rev_id in ready:
+                self.store.activate(rev_id)
+            changed = True
         if changed:
             # Apply the new lifecycle at once rather than on the next tick.
             await self.backend.apply(self.desired_state())

@@ -55,6 +55,9 @@ PIN_HEADER = "x-clearway-revision"
 PLATFORM_LOG_MAX_BYTES = 50 * 1024 * 1024
 PLATFORM_LOG_KEEP = 3
 
+#: How long ``converged`` waits for the gateway to load a new route table.
+CONVERGE_TIMEOUT = 10.0
+
 #: How long a restarted control plane waits for adopted replicas' first probes.
 ADOPT_SETTLE_TIMEOUT = 10.0
 
@@ -233,6 +236,18 @@ class LocalBackend:
                 if loaded is not None and loaded >= needed:
                     del self._draining[replica_id]
                     self._stop_later(replica_id)
+
+    async def converged(self) -> None:
+        """Wait (bounded) until the gateway has loaded the latest route table."""
+        deadline = asyncio.get_running_loop().time() + CONVERGE_TIMEOUT
+        while True:
+            loaded = await self.gateway.generation()
+            if loaded is not None and loaded >= self._generation:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("the gateway has not loaded route generation %d yet", self._generation)
+                return
+            await asyncio.sleep(0.01)
 
     def _rotate_platform_logs(self) -> None:
         # The gateway appends to these files (O_APPEND), so copy-and-truncate
