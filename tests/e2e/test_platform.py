@@ -296,3 +296,41 @@ def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_replicas_reach_the_control_plane_with_their_own_token(platform: Platform, tmp_path: Path) -> None:
+    worker = """
+@app.worker()
+def caller():
+    import json, os, time, urllib.request
+    request = urllib.request.Request(
+        os.environ["CLEARWAY_CONTROL_URL"] + "/v1/replica",
+        headers={"authorization": "Bearer " + os.environ["CLEARWAY_REPLICA_TOKEN"]},
+    )
+    print("identity:", urllib.request.urlopen(request).read().decode(), flush=True)
+    try:
+        admin = urllib.request.Request(os.environ["CLEARWAY_CONTROL_URL"] + "/v1/apps", headers=request.headers)
+        urllib.request.urlopen(admin)
+        print("admin: allowed", flush=True)
+    except urllib.error.HTTPError as exc:
+        print("admin:", exc.code, flush=True)
+    while True:
+        time.sleep(60)
+"""
+    platform.cli("deploy", str(write_app(tmp_path / "demo", worker)))
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("admin:") for line in lines):
+        assert time.monotonic() < deadline, lines
+        lines = [json.loads(x)["line"] for x in platform.cli("logs", "demo", "--json").stdout.splitlines()]
+    identity = json.loads(next(line for line in lines if line.startswith("identity:")).split(" ", 1)[1])
+    assert identity | {"spec": None} == {
+        "app": "demo",
+        "revision": "demo-1",
+        "component": "caller",
+        "replica": "demo-1-caller-0",
+        "revision_state": identity["revision_state"],
+        "spec": None,
+    }
+    assert identity["spec"]["kind"] == "worker"
+    assert "admin: 401" in lines

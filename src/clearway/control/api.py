@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import clearway
 from clearway.backends.base import Backend
+from clearway.control.credentials import ReplicaIdentity, read_replica_token
 from clearway.control.reconciler import Reconciler, desired_replicas
 from clearway.control.revisions import RevisionBuilder
 from clearway.control.store import Revision, RevisionState, Store
@@ -90,6 +91,17 @@ def create_api(
             )
 
     auth = [Depends(authenticate)]
+
+    async def replica_identity(request: Request) -> ReplicaIdentity:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        identity = read_replica_token(token, given) if scheme.lower() == "bearer" else None
+        if identity is None:
+            raise APIError(
+                401,
+                "missing or wrong replica token: send `Authorization: Bearer $CLEARWAY_REPLICA_TOKEN` "
+                "(the platform sets it in every replica's environment)",
+            )
+        return identity
 
     def need_app(name: str) -> None:
         if store.app(name) is None:
@@ -267,6 +279,31 @@ def create_api(
                 yield (line if line.endswith("\n") else line + "\n").encode()
 
         return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+    @api.get("/v1/replica", tags=["replicas"])
+    # A default, not Annotated[...]: FastAPI resolves string annotations in the
+    # module's globals, where the local ``replica_identity`` does not exist.
+    async def replica_self(identity: ReplicaIdentity = Depends(replica_identity)) -> dict[str, Any]:  # noqa: B008
+        """Who the calling replica is, and its component's spec (replica token only).
+
+        The channel replicas use to reach the control plane; coordination
+        (locks, leader election, sharding) will live under ``/v1/replica``.
+        """
+        revision = store.revision(identity.revision)
+        component = None
+        if revision is not None:
+            try:
+                component = revision.spec.component(identity.component).model_dump(mode="json")
+            except KeyError:
+                component = None
+        return {
+            "app": identity.app,
+            "revision": identity.revision,
+            "component": identity.component,
+            "replica": identity.replica,
+            "revision_state": revision.state.value if revision else None,
+            "spec": component,
+        }
 
     @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)
     async def metrics() -> Response:

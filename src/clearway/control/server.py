@@ -32,6 +32,7 @@ import uvicorn
 
 from clearway.backends.local import LocalBackend, LocalConfig
 from clearway.control.api import create_api
+from clearway.control.credentials import ReplicaIdentity, mint_replica_token
 from clearway.control.home import Home
 from clearway.control.reconciler import Reconciler
 from clearway.control.revisions import RevisionBuilder
@@ -129,8 +130,18 @@ class ControlPlane:
         ):
             store.set_meta(key, value)
 
+        def replica_token(app: str, revision: str, component: str, replica: str) -> str:
+            return mint_replica_token(token, ReplicaIdentity(app, revision, component, replica))
+
         backend = LocalBackend(
-            LocalConfig(home=self.home.root, gateway_host=host, gateway_port=port, domains=domains, control_url=api_url)
+            LocalConfig(
+                home=self.home.root,
+                gateway_host=host,
+                gateway_port=port,
+                domains=domains,
+                control_url=api_url,
+                replica_token=replica_token,
+            )
         )
         tasks = TaskSupervisor()
         try:

@@ -72,6 +72,8 @@ class LocalConfig:
     domains: tuple[str, ...] = ("localhost",)
     #: Given to every replica as CLEARWAY_CONTROL_URL: its channel to the control plane.
     control_url: str | None = None
+    #: Mints the replica's CLEARWAY_REPLICA_TOKEN from (app, revision, component, replica id).
+    replica_token: Callable[[str, str, str, str], str] | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -163,6 +165,10 @@ class LocalBackend:
         env = {**workload.env, **comp.env, **self.config.extra_env}
         if self.config.control_url:
             env["CLEARWAY_CONTROL_URL"] = self.config.control_url
+        if self.config.replica_token:
+            env["CLEARWAY_REPLICA_TOKEN"] = self.config.replica_token(
+                workload.app, workload.revision, component, replica_id
+            )
         is_service = isinstance(comp, ServiceSpec)
         return ReplicaSpec(
             replica_id=replica_id,
