@@ -9,6 +9,17 @@ so that the proxies are the bottleneck) is put behind
 so both proxies get exactly one process.  wrk drives the backend directly and
 each proxy in the same run, all on 127.0.0.1.
 
+Fairness and noise, on a small machine where wrk, the backend and the proxy
+share the CPUs:
+  * CPU pinning (``taskset``, when there are >= 2 CPUs and unless ``--no-pin``):
+    the proxy under test - nginx or the gateway, identically - runs alone on
+    one CPU; wrk and the backend share another.  Without pinning, the
+    scheduler's placement of three busy processes on two CPUs decides much of
+    the result and it differs from run to run.
+  * Repeats: the saturation runs alternate direct / nginx / gateway
+    ``--repeats`` times (3 by default) and the median of each is reported, so
+    one unlucky run does not decide the ratio.
+
 Two measurements per target:
   1. saturation: ``wrk -c N`` closed loop, requests/s;
   2. latency at half of *each proxy's* saturation rate: wrk with a Lua ``delay()``
@@ -34,8 +45,40 @@ from collections.abc import Iterator
 from pathlib import Path
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+TASKSET = shutil.which("taskset") or "/usr/bin/taskset"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 LATENCY_CONNECTIONS = 32
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    """``cmd`` run under ``taskset -c cpus`` (children, e.g. nginx's worker, inherit it)."""
+    return [TASKSET, "-c", cpus, *cmd] if cpus is not None else cmd
+
+
+def cpu_layout(pin: bool) -> tuple[str | None, str | None, str]:
+    """(CPUs of the proxy under test, CPUs of wrk + backend, a description)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2 or not Path(TASKSET).exists():
+        return None, None, f"not pinned ({len(cpus)} CPU(s) shared by wrk, the backend and the proxy)"
+    proxy_cpu, load_cpu = str(cpus[-1]), str(cpus[0])
+    return proxy_cpu, load_cpu, (
+        f"pinned with taskset: proxy under test alone on CPU {proxy_cpu}, wrk + backend on CPU {load_cpu}"
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+    return total
 
 
 def free_port() -> int:
@@ -54,7 +97,9 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def nginx(tmp: Path, name: str, server_block: str, upstream: str = "") -> Iterator[subprocess.Popen[bytes]]:
+def nginx(
+    tmp: Path, name: str, server_block: str, upstream: str = "", cpus: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     prefix = tmp / name
     prefix.mkdir()
     (prefix / "logs").mkdir()
@@ -81,7 +126,7 @@ http {{
 }}
 """
     )
-    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+    proc = subprocess.Popen(pinned([NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], cpus))
     try:
         yield proc
     finally:
@@ -90,7 +135,9 @@ http {{
 
 
 @contextlib.contextmanager
-def clearway_gateway(tmp: Path, port: int, backend_port: int) -> Iterator[subprocess.Popen[bytes]]:
+def clearway_gateway(
+    tmp: Path, port: int, backend_port: int, cpus: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     routes = tmp / "routes.json"
     routes.write_text(
         json.dumps(
@@ -103,8 +150,11 @@ def clearway_gateway(tmp: Path, port: int, backend_port: int) -> Iterator[subpro
         )
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clearway.gateway", "--listen", f"127.0.0.1:{port}",
-         "--routes", str(routes), "--admin-socket", str(tmp / "gateway.sock")],
+        pinned(
+            [sys.executable, "-m", "clearway.gateway", "--listen", f"127.0.0.1:{port}",
+             "--routes", str(routes), "--admin-socket", str(tmp / "gateway.sock")],
+            cpus,
+        ),
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -117,8 +167,10 @@ def clearway_gateway(tmp: Path, port: int, backend_port: int) -> Iterator[subpro
         proc.wait(15)
 
 
-def wrk(url: str, duration: float, connections: int, script: Path | None = None) -> dict[str, float]:
-    cmd = [WRK, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-H", "Host: bench.localhost"]
+def wrk(
+    url: str, duration: float, connections: int, script: Path | None = None, cpus: str | None = None
+) -> dict[str, float]:
+    cmd = [*pinned([], cpus), WRK, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-H", "Host: bench.localhost"]
     if script is not None:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout
@@ -135,6 +187,12 @@ def wrk(url: str, duration: float, connections: int, script: Path | None = None)
     return result
 
 
+def median_run(results: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median requests/s (its latencies are reported with it)."""
+    ordered = sorted(results, key=lambda r: r["rps"])
+    return ordered[len(ordered) // 2]
+
+
 def delay_script(tmp: Path, rate: float, connections: int) -> Path:
     """A wrk script that paces each connection so all together send ~``rate`` req/s."""
     delay_ms = connections * 1000.0 / rate
@@ -147,7 +205,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for the saturation runs")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating saturation runs per target (median)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs with taskset")
     args = parser.parse_args()
+    proxy_cpu, load_cpu, layout = cpu_layout(not args.no_pin)
 
     with tempfile.TemporaryDirectory(prefix="clearway-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -160,10 +221,11 @@ def main() -> int:
         )
         upstream = f"upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 256; keepalive_requests 1000000; }}"
         with (
-            nginx(tmp, "backend", backend),
-            nginx(tmp, "proxy", proxy, upstream),
-            clearway_gateway(tmp, gateway_port, backend_port),
+            nginx(tmp, "backend", backend, cpus=load_cpu) as backend_proc,
+            nginx(tmp, "proxy", proxy, upstream, cpus=proxy_cpu) as nginx_proc,
+            clearway_gateway(tmp, gateway_port, backend_port, cpus=proxy_cpu) as gateway_proc,
         ):
+            pids = {"direct": backend_proc.pid, "nginx": nginx_proc.pid, "gateway": gateway_proc.pid}
             for port in (backend_port, nginx_port, gateway_port):
                 wait_for_port(port)
             targets = {
@@ -172,23 +234,42 @@ def main() -> int:
                 "gateway": f"http://127.0.0.1:{gateway_port}/",
             }
             for url in targets.values():  # warm up pools and caches
-                wrk(url, 1, args.connections)
-            saturation = {name: wrk(url, args.duration, args.connections) for name, url in targets.items()}
+                wrk(url, 1, args.connections, cpus=load_cpu)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            for _ in range(max(1, args.repeats)):  # alternate, so slow drifts hit all targets alike
+                for name, url in targets.items():
+                    cpu_before = cpu_seconds(pids[name])
+                    result = wrk(url, args.duration, args.connections, cpus=load_cpu)
+                    # CPU time of the server under test per request: less sensitive than
+                    # requests/s to whatever else the machine is running.
+                    result["cpu_us"] = (cpu_seconds(pids[name]) - cpu_before) / (result["rps"] * args.duration) * 1e6
+                    runs[name].append(result)
+            saturation = {name: median_run(results) for name, results in runs.items()}
             latency: dict[str, dict[str, float]] = {}
             for proxy_name in ("nginx", "gateway"):
                 rate = saturation[proxy_name]["rps"] / 2
                 script = delay_script(tmp, rate, LATENCY_CONNECTIONS)
-                latency[proxy_name] = wrk(targets[proxy_name], args.duration, LATENCY_CONNECTIONS, script)
-                latency[f"direct@{proxy_name}"] = wrk(targets["direct"], args.duration, LATENCY_CONNECTIONS, script)
+                latency[proxy_name] = wrk(targets[proxy_name], args.duration, LATENCY_CONNECTIONS, script, load_cpu)
+                latency[f"direct@{proxy_name}"] = wrk(
+                    targets["direct"], args.duration, LATENCY_CONNECTIONS, script, load_cpu
+                )
 
     cpus = os.cpu_count()
     print(f"\nclearway gateway benchmark — {cpus} CPU(s), wrk -t1, {args.duration:g} s per run, all on 127.0.0.1")
+    print(f"{layout}.")
     print("backend: nginx 'return 200 \"hello\"' (1 worker); proxies: clearway gateway (1 process, uvloop)")
     print("and nginx reverse proxy (worker_processes 1, upstream keepalive), both without access logs.\n")
-    print(f"saturation (wrk -c{args.connections}, closed loop):")
+    print(
+        f"saturation (wrk -c{args.connections}, closed loop; median of {len(runs['nginx'])} alternating runs,"
+        " all runs in brackets):"
+    )
     for name in ("direct", "nginx", "gateway"):
         s = saturation[name]
-        print(f"  {name:8s} {s['rps']:>10.0f} req/s   p50 {s.get('p50_ms', 0):.3f} ms   p99 {s.get('p99_ms', 0):.3f} ms")
+        every = ", ".join(f"{r['rps']:.0f}" for r in runs[name])
+        print(
+            f"  {name:8s} {s['rps']:>10.0f} req/s   p50 {s.get('p50_ms', 0):.3f} ms   p99 {s.get('p99_ms', 0):.3f} ms"
+            f"   cpu {s['cpu_us']:.1f} us/req   [{every}]"
+        )
     ratio = saturation["gateway"]["rps"] / saturation["nginx"]["rps"]
     print(f"  ratio gateway/nginx: {ratio:.2f}x  (goal >= 0.9x)\n")
     print(

@@ -102,6 +102,8 @@ _RESPONSE_SPECIAL = frozenset(
     }
 )
 _CONNECTION_TOKENS_KNOWN = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Connection values that name no other header (the common case: nothing to drop).
+_CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Characters allowed in a client-supplied X-Request-ID (anything else: we make one).
 _REQUEST_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:+/="
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -190,6 +192,7 @@ class ClientConnection(asyncio.Protocol):
         "_path",
         "_paused",
         "_peer",
+        "_peer_bytes",
         "_pending",
         "_pending_size",
         "_request_done",
@@ -227,6 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self._deferred: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
         self._out: list[bytes] = []
         self._peer = "-"
+        self._peer_bytes = b"-"
         self._fwd_for = b"for=unknown"
         self._parser_upgraded = False
         self._early: list[bytes] = []
@@ -279,6 +283,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             ip = str(peer[0])
             self._peer = ip
+            self._peer_bytes = ip.encode("ascii")
             self._fwd_for = (b'for="[%s]"' if ":" in ip else b"for=%s") % ip.encode("ascii")
         self._deadline = self._loop.time() + self._settings.header_timeout
 
@@ -496,7 +501,7 @@ class ClientConnection(asyncio.Protocol):
                 forwarded = value if forwarded is None else forwarded + b", " + value
             # keep-alive, proxy-connection, te, trailer, x-forwarded-proto/-host: dropped
 
-        if connection is not None:
+        if connection is not None and connection.lower() not in _CONNECTION_PLAIN:
             kept = _drop_connection_listed(kept, connection)
 
         if request_id is not None and 0 < len(request_id) <= 200 and not request_id.translate(None, _REQUEST_ID_CHARS):
@@ -548,7 +553,7 @@ class ClientConnection(asyncio.Protocol):
         parts += kept
         parts += (
             b"x-request-id: ", self._request_id,
-            b"\r\nx-forwarded-for: ", (xff + b", " if xff else b"") + self._peer.encode("ascii"),
+            b"\r\nx-forwarded-for: ", (xff + b", " + self._peer_bytes if xff else self._peer_bytes),
             b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ", host,
             b"\r\nforwarded: ", (forwarded + b", " if forwarded else b""), ip,
             b';host="', host.replace(b'"', b""), b'";proto=http\r\n',
@@ -764,7 +769,7 @@ class ClientConnection(asyncio.Protocol):
                 connection = value if connection is None else connection + b"," + value
             elif lname == b"upgrade":
                 upgrade = value
-        if connection is not None:
+        if connection is not None and connection.lower() not in _CONNECTION_PLAIN:
             kept = kept[:3] + _drop_connection_listed(kept[3:], connection)
         kept += (b"x-request-id: ", self._request_id, b"\r\n")
         self._resp_started = True
@@ -890,6 +895,10 @@ class ClientConnection(asyncio.Protocol):
         if out and self._transport is not None:
             if len(out) == 1:
                 self._transport.write(out[0])
+            elif len(out) < 16:
+                # Head and body of one upstream read: one joined write (one
+                # send, and cheaper than uvloop's writelines for small pieces).
+                self._transport.write(b"".join(out))
             else:
                 self._transport.writelines(out)
             out.clear()
