@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import sys
@@ -101,6 +102,11 @@ async def _serve(gateway: Gateway, routes_path: str, listen: str) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Everything allocated so far lives as long as the process: move it out of
+    # the collector's sight so that full collections stay short. (A larger
+    # young generation measured worse: more CPU per request, no better tail.)
+    gc.collect()
+    gc.freeze()
     sys.stdout.write("READY\n")
     sys.stdout.flush()
     await stop.wait()
