@@ -37,8 +37,8 @@ from clearway.control.home import Home
 from clearway.control.reconciler import Reconciler
 from clearway.control.revisions import RevisionBuilder
 from clearway.control.store import Store
-from clearway.control.tasks import TaskSupervisor
 from clearway.exceptions import RuntimeStartError
+from clearway.tasks import TaskSupervisor
 
 log = logging.getLogger("clearway.control")
 
@@ -143,7 +143,7 @@ class ControlPlane:
                 replica_token=replica_token,
             )
         )
-        tasks = TaskSupervisor()
+        tasks = TaskSupervisor(log)
         try:
             await backend.start()
         except BaseException:
@@ -177,8 +177,8 @@ class ControlPlane:
             "domains": list(domains),
             "started_at": time.time(),
         }
-        tasks.start("reconciler", reconciler.run)
-        tasks.start("api", lambda: server.serve(sockets=[api_sock]))
+        tasks.start_forever("reconciler", reconciler.run)
+        tasks.start_forever("api", lambda: server.serve(sockets=[api_sock]))
         while not server.started:
             await asyncio.sleep(0.01)
         self.home.write_control_info(info)

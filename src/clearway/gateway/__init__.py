@@ -19,7 +19,7 @@ or in-process (tests, the platform)::
 Module map: ``_routes`` (the routes file), ``_router`` (matching and balancing),
 ``_proxy`` (client connections: the hot path), ``_upstream`` (replica
 connections and pools), ``_holding``, ``_metrics``, ``_access_log``,
-``_admin``, ``_error_pages``, ``_supervisor``, ``_settings``, ``_gateway``
+``_admin``, ``_error_pages``, ``_settings``, ``_gateway``
 (lifecycle) and ``_cli``.  Only the names below are public.
 """
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from clearway.exceptions import RuntimeStartError
+from clearway.tasks import TaskSupervisor
 
 from ._access_log import AccessLog
 from ._admin import AdminServer
@@ -30,7 +31,6 @@ from ._proxy import ClientConnection, ProxyContext
 from ._router import EndpointRegistry, Router
 from ._routes import RouteTable
 from ._settings import GatewaySettings
-from ._supervisor import TaskSupervisor
 
 __all__ = ["Gateway", "GatewayState", "ListenError"]
 
@@ -91,7 +91,7 @@ class Gateway:
         self._rng = rng if rng is not None else random.Random()
         self.state = GatewayState.CREATED
         self._metrics = Metrics()
-        self._supervisor = TaskSupervisor()
+        self._supervisor = TaskSupervisor(logging.getLogger("clearway.gateway"))
         self._server: asyncio.AbstractServer | None = None
         self._admin: AdminServer | None = None
         self._access_log: AccessLog | None = None
@@ -146,9 +146,9 @@ class Gateway:
                 metrics=self._metrics.exposition,
             )
             await self._admin.start()
-        self._supervisor.spawn("gateway timeout watchdog", ctx.run_watchdog())
+        self._supervisor.start("gateway timeout watchdog", ctx.run_watchdog())
         if self._access_log is not None:
-            self._supervisor.spawn("gateway access-log flusher", self._access_log.run_flusher())
+            self._supervisor.start("gateway access-log flusher", self._access_log.run_flusher())
         self.state = GatewayState.SERVING
 
     async def close(self, grace: float | None = None) -> None:
@@ -177,7 +177,7 @@ class Gateway:
                 for conn in list(ctx.connections):
                     conn.abort()
         await self._server.wait_closed()
-        await self._supervisor.aclose()
+        await self._supervisor.close()
         if self._endpoints is not None:
             self._endpoints.close_all()
         if self._admin is not None:

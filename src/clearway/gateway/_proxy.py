@@ -42,13 +42,14 @@ from typing import Any, cast
 
 import httptools
 
+from clearway.tasks import TaskSupervisor
+
 from ._access_log import AccessLog
 from ._error_pages import error_response, printable
 from ._holding import TableChanges
 from ._metrics import Metrics, RevisionStats
 from ._router import BoundRoute, BoundTarget, Router
 from ._settings import GatewaySettings
-from ._supervisor import TaskSupervisor
 from ._upstream import Endpoint, UpstreamConnection
 
 __all__ = ["ClientConnection", "ProxyContext"]
@@ -634,7 +635,7 @@ class ClientConnection(asyncio.Protocol):
     def _start_slow_path(self) -> None:
         assert self._route is not None and self._target is not None
         name = f"gateway request {self._request_id.decode('latin-1')} to {self._route.app}/{self._target.revision}"
-        self._task = self._ctx.supervisor.spawn(name, self._slow_path(), self._on_task_failure)
+        self._task = self._ctx.supervisor.start(name, self._slow_path(), on_failure=self._on_task_failure)
 
     async def _slow_path(self) -> None:
         """Hold until the revision has replicas, connect (retrying on failure), send."""

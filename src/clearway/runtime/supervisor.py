@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 from clearway.exceptions import ClearwayError, RuntimeStartError
-from clearway.runtime.background_tasks import BackgroundTasks
 from clearway.runtime.cgroups import Cgroup, CgroupUnavailable, create_cgroup
 from clearway.runtime.clock import Clock, SystemClock
 from clearway.runtime.exit_codes import ExitCode
@@ -70,6 +69,7 @@ from clearway.runtime.restarts import RestartPolicy, RestartTracker
 from clearway.runtime.sandbox import find_bwrap
 from clearway.runtime.spec import ReplicaSpec, replica_environment
 from clearway.runtime.status import ReplicaState, ReplicaStatus
+from clearway.tasks import TaskSupervisor
 
 __all__ = ["StatusCallback", "Supervisor", "SupervisorConfig", "UnknownReplicaError"]
 
@@ -499,7 +499,7 @@ class Supervisor:
         self.clock: Clock = clock or SystemClock()
         self._on_change = on_change
         self._replicas: dict[str, _Replica] = {}
-        self._tasks = BackgroundTasks(logger)
+        self._tasks = TaskSupervisor(logger)
         self._changed = asyncio.Event()
         self._closed = False
 
