@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
 import pstats
 import random
 import time
@@ -32,8 +33,8 @@ from clearway.gateway import GatewaySettings, RouteTable
 from clearway.gateway._metrics import Metrics
 from clearway.gateway._proxy import ClientConnection, ProxyContext
 from clearway.gateway._router import EndpointRegistry, Router
-from clearway.gateway._supervisor import TaskSupervisor
 from clearway.gateway._upstream import UpstreamConnection
+from clearway.tasks import TaskSupervisor
 
 REQUESTS = {
     "wrk": b"GET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n",
@@ -100,7 +101,7 @@ def run(shape: str, count: int, profile: bool) -> float:
     metrics = Metrics()
     ctx = ProxyContext(
         loop=loop, settings=settings, router=Router(routes, endpoints, metrics, random.Random(1)),
-        metrics=metrics, supervisor=TaskSupervisor(), access_log=None,
+        metrics=metrics, supervisor=TaskSupervisor(logging.getLogger("bench")), access_log=None,
     )
     endpoint = endpoints.get("127.0.0.1:1")
     upstream = UpstreamConnection(endpoint)

@@ -238,7 +238,6 @@ def create_api(
         """Bring back an earlier revision (default: the one before the active one)."""
         need_app(name)
         revisions = store.revisions(name)
-        active = next((r for r in revisions if r.state is RevisionState.ACTIVE), None)
         if body is not None and body.revision:
             target = next((r for r in revisions if r.id == body.revision or str(r.number) == body.revision), None)
             if target is None:
@@ -246,14 +245,8 @@ def create_api(
             if target.state is RevisionState.FAILED:
                 raise APIError(409, f"revision {target.id} failed to start before: pick another one")
         else:
-            candidates = [
-                r
-                for r in revisions
-                if r.state is RevisionState.RETIRED and r.activated_at is not None
-                and (active is None or r.number != active.number)
-            ]
-            if active is not None:
-                candidates = [r for r in candidates if (r.activated_at or 0) <= (active.activated_at or 0)]
+            # The revision that served most recently before the active one.
+            candidates = [r for r in revisions if r.state is RevisionState.RETIRED and r.activated_at is not None]
             if not candidates:
                 raise APIError(409, f"app {name!r} has no earlier revision that served traffic to roll back to")
             target = max(candidates, key=lambda r: r.activated_at or 0)
