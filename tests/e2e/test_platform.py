@@ -62,6 +62,8 @@ def test_shop_example_routes_paths_to_several_services(platform: Platform) -> No
     assert products.status_code == 200 and products.json()["currency"] == "EUR"  # FastAPI (ASGI)
     page = platform.get("shop", "/")
     assert page.status_code == 200 and "<h1>The shop</h1>" in page.text  # Flask (WSGI)
+    quote = platform.get("shop", "/api/quote/1")  # api -> private pricing service, same revision
+    assert quote.status_code == 200 and quote.json() == {"product": "teapot", "price": 16.2, "currency": "EUR"}
     assert platform.get("nothing-here", "/").status_code == 404
     status = platform.status("shop")
     ready = {c["name"]: c["ready"] for c in status["components"]}

@@ -95,3 +95,4 @@ async def test_hold_times_out_with_503(start_gateway: GatewayFactory, client: ht
     assert r.status_code == 503
     assert "became ready within 0.2 s" in r.text
     assert r.headers["content-type"].startswith("text/plain")
+

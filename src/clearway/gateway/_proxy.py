@@ -185,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
         "_host",
         "_hostkey",
         "_keep_alive",
+        "_local",
         "_loop",
         "_method",
         "_out",
@@ -231,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self._deferred: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
         self._out: list[bytes] = []
         self._peer = "-"
+        self._local = False
         self._peer_bytes = b"-"
         self._fwd_for = b"for=unknown"
         self._parser_upgraded = False
@@ -284,6 +286,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             ip = str(peer[0])
             self._peer = ip
+            self._local = ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
             self._peer_bytes = ip.encode("ascii")
             self._fwd_for = (b'for="[%s]"' if ":" in ip else b"for=%s") % ip.encode("ascii")
         self._deadline = self._loop.time() + self._settings.header_timeout
@@ -534,6 +537,8 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True  # the head is the whole request
 
         route = self._ctx.router.match(hostkey, path)
+        if route is not None and route.internal and not self._local:
+            route = None  # private services answer only to this machine
         if route is None:
             self._stats = self._ctx.metrics.unrouted
             self._stats.in_flight += 1
@@ -663,6 +668,8 @@ class ClientConnection(asyncio.Protocol):
                     )
                     return
                 new_route = ctx.router.match(self._hostkey, self._path)
+                if new_route is not None and new_route.internal and not self._local:
+                    new_route = None
                 if new_route is None:
                     self._task = None
                     self._respond_error(

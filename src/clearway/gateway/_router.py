@@ -56,6 +56,7 @@ class BoundRoute:
         "_total",
         "_weighted",
         "app",
+        "internal",
         "pin_header",
         "prefix",
         "route",
@@ -67,6 +68,7 @@ class BoundRoute:
     def __init__(self, route: Route, targets: list[BoundTarget], rng: random.Random) -> None:
         self.route = route
         self.app = route.app
+        self.internal = route.internal
         self.prefix = route.prefix.encode("latin-1")
         self.strip_prefix = route.strip_prefix and route.prefix != "/"
         self.timeout = route.timeout

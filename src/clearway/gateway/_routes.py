@@ -56,6 +56,9 @@ class Route:
     timeout: float = 60.0
     #: A request header naming a revision sends the request to that revision.
     pin_header: str = "x-clearway-revision"
+    #: Only clients on this machine (loopback) may use the route: how replicas
+    #: reach their app's private services. Others get the same 404 as for no route.
+    internal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,7 @@ class RouteTable:
                     "strip_prefix": r.strip_prefix,
                     "timeout": r.timeout,
                     "pin_header": r.pin_header,
+                    "internal": r.internal,
                     "targets": [
                         {"revision": t.revision, "weight": t.weight, "endpoints": list(t.endpoints)}
                         for t in r.targets
@@ -145,6 +149,9 @@ def _route(data: Any, where: str) -> Route:
     strip = data.get("strip_prefix", False)
     if not isinstance(strip, bool):
         raise RoutesError(f"{where}.strip_prefix must be true or false")
+    internal = data.get("internal", False)
+    if not isinstance(internal, bool):
+        raise RoutesError(f"{where}.internal must be true or false")
     targets = tuple(
         _target(t, f"{where}.targets[{i}]")
         for i, t in enumerate(_list(data.get("targets", []), f"{where}.targets"))
@@ -160,6 +167,7 @@ def _route(data: Any, where: str) -> Route:
         strip_prefix=strip,
         timeout=float(timeout),
         pin_header=_str(data.get("pin_header", "x-clearway-revision"), f"{where}.pin_header").lower(),
+        internal=internal,
     )
 
 

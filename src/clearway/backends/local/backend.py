@@ -51,6 +51,13 @@ log = logging.getLogger("clearway.backends.local")
 #: The header that pins a request to one revision (previews, canary checks).
 PIN_HEADER = "x-clearway-revision"
 
+#: Where replicas reach their own revision's services, public or private:
+#: ``http://127.0.0.1:<gateway port>/_services/<revision>/<service>/...``, a
+#: route the gateway serves only to clients on this machine. Pinned to the
+#: caller's revision, so during a deploy new code talks to new code.
+INTERNAL_HOST = "127.0.0.1"
+INTERNAL_PREFIX = "/_services"
+
 #: Size at which the gateway's own log and its access log are rotated, and copies kept.
 PLATFORM_LOG_MAX_BYTES = 50 * 1024 * 1024
 PLATFORM_LOG_KEEP = 3
@@ -163,6 +170,12 @@ class LocalBackend:
         comp = workload.spec.component(component)
         replica_id = f"{workload.revision}-{component}-{index}"
         env = {**workload.env, **comp.env, **self.config.extra_env}
+        for service in workload.spec.services:
+            variable = "CLEARWAY_SERVICE_" + service.name.upper().replace("-", "_") + "_URL"
+            env[variable] = (
+                f"http://{INTERNAL_HOST}:{self.config.gateway_port}"
+                f"{INTERNAL_PREFIX}/{workload.revision}/{service.name}"
+            )
         if self.config.control_url:
             env["CLEARWAY_CONTROL_URL"] = self.config.control_url
         if self.config.replica_token:
@@ -318,7 +331,23 @@ class LocalBackend:
                             "endpoints": self._endpoints(target.revision, service.name),
                         }
                     )
-        return list(routes.values())
+        internal = [
+            {
+                "app": workload.app,
+                "host": INTERNAL_HOST,
+                "prefix": f"{INTERNAL_PREFIX}/{workload.revision}/{service.name}",
+                "strip_prefix": True,
+                "timeout": service.timeout,
+                "pin_header": PIN_HEADER,
+                "internal": True,
+                "targets": [
+                    {"revision": workload.revision, "weight": 100, "endpoints": self._endpoints(workload.revision, service.name)}
+                ],
+            }
+            for workload in sorted(self._workloads.values(), key=lambda w: w.revision)
+            for service in workload.spec.services
+        ]
+        return [*routes.values(), *internal]
 
     def _table(self, routes: list[dict[str, Any]]) -> dict[str, Any]:
         return {
