@@ -260,7 +260,8 @@ def status(ctx: click.Context, app: str | None, as_json: bool) -> None:
         if not apps:
             out.print("no apps yet: `clearway deploy PATH` deploys one")
             return
-        table = Table("APP", "REVISION", "READY", "URL", box=None, pad_edge=False)
+        table = Table("APP", "REVISION", "READY", box=None, pad_edge=False)
+        table.add_column("URL", overflow="fold")
         for item in apps:
             ready = ", ".join(f"{c['name']} {c['ready']}/{c['desired']}" for c in item["components"]) or "-"
             table.add_row(item["name"], item["active_revision"] or "-", ready, " ".join(item["urls"]) or "-")
