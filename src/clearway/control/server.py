@@ -98,7 +98,7 @@ class ControlPlane:
         self._stop_workloads = stop_workloads
         self._stop.set()
 
-    async def run(self, on_ready: asyncio.Future[dict[str, object]] | None = None) -> None:
+    async def run(self) -> None:
         self.home.create()
         lock = self.home.lock_path.open("a+")
         try:
@@ -110,11 +110,11 @@ class ControlPlane:
                 "`clearway down` stops it, or set CLEARWAY_HOME to run another one"
             ) from None
         try:
-            await self._run(on_ready)
+            await self._run()
         finally:
             lock.close()
 
-    async def _run(self, on_ready: asyncio.Future[dict[str, object]] | None) -> None:
+    async def _run(self) -> None:
         token = self.home.token(create=True)
         assert token is not None
         store = Store(self.home.db_path)
@@ -178,14 +178,16 @@ class ControlPlane:
             "started_at": time.time(),
         }
         tasks.start_forever("reconciler", reconciler.run)
-        tasks.start_forever("api", lambda: server.serve(sockets=[api_sock]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        self.home.write_control_info(info)
-        log.info("control plane ready: API %s, gateway %s:%s", api_url, host, port)
-        if on_ready is not None and not on_ready.done():
-            on_ready.set_result(info)
+        api_task = tasks.start_forever("api", lambda: server.serve(sockets=[api_sock]))
         try:
+            while not server.started:
+                if api_task.done():
+                    raise RuntimeStartError(
+                        f"the API server stopped while starting; see {self.home.logs / 'control.log'}"
+                    )
+                await asyncio.sleep(0.01)
+            self.home.write_control_info(info)
+            log.info("control plane ready: API %s, gateway %s:%s", api_url, host, port)
             await self._stop.wait()
         finally:
             log.info("shutting down (stopping apps: %s)", self._stop_workloads)
