@@ -336,3 +336,21 @@ def caller():
     }
     assert identity["spec"]["kind"] == "worker"
     assert "admin: 401" in lines
+
+
+def test_a_deploy_interrupted_by_a_control_plane_crash_completes_after_restart(
+    platform: Platform, tmp_path: Path
+) -> None:
+    project = write_app(tmp_path / "demo", asgi_app("first", replicas=1))
+    platform.cli("deploy", str(project))
+    write_app(project, asgi_app("second", replicas=2))
+    accepted = json.loads(platform.cli("deploy", str(project), "--no-wait", "--json").stdout)
+    os.kill(platform.control_pid(), signal.SIGKILL)  # mid-deploy: the revision is starting
+    assert platform.get("demo").text == "first"  # still served without a control plane
+    platform.up()
+    deadline = time.monotonic() + 120
+    while platform.status("demo")["active_revision"] != accepted["revision"]:
+        assert time.monotonic() < deadline, platform.status("demo")
+    assert platform.get("demo").text == "second"
+    replicas = platform.status("demo")["replicas"]
+    assert sorted(r["id"] for r in replicas if r["state"] == "ready") == ["demo-2-web-0", "demo-2-web-1"]
