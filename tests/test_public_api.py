@@ -30,7 +30,7 @@ def test_exported_members_are_exactly_the_public_api() -> None:
         assert hasattr(clearway, name), name
 
 
-def test_public_classes_say_they_live_in_clearway() -> None:
+def test_every_exported_exception_is_a_clearway_error() -> None:
     # Every exported exception derives from the one base class users catch.
     for name in EXPECTED - {"App", "AppSpec", "Component", "ServiceSpec", "WorkerSpec", "__version__"}:
         assert issubclass(getattr(clearway, name), clearway.ClearwayError), name

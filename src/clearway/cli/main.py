@@ -9,7 +9,6 @@ some, and the exit status is 1 (2 for wrong usage).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from clearway.cli.client import Client
 from clearway.cli.packaging import pack
 from clearway.control.home import Home
 from clearway.exceptions import APIError, AppLoadError, ClearwayError, DeployError, SpecError
+from clearway.runtime.process import is_alive
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -156,25 +156,11 @@ def down(ctx: click.Context) -> None:
     client.request("POST", "/v1/shutdown")
     with err.status("stopping apps and the platform…"):
         deadline = time.monotonic() + 120
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while is_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-    if _pid_alive(pid):
+    if is_alive(pid):
         fail(f"the control plane (pid {pid}) is still running after 120s; `kill {pid}` stops it")
     out.print("clearway is down")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- apps -------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The control plane's REST API (FastAPI, so the OpenAPI document is generated
 from the same code that serves it: ``GET /openapi.json``).
 
-Every route under ``/v1`` but ``/v1/health`` needs ``Authorization: Bearer
-<token>``; the token is created on first start (see ``control.token``). Errors
+Every route under ``/v1`` but ``/v1/health`` and ``/v1/schema`` needs
+``Authorization: Bearer <token>``: the operator's API token (created on first
+start, see ``control.home``) or, for ``/v1/replica`` only, a replica's own token
+(see ``control.credentials``). Errors
 are JSON ``{"error": ..., "details": ..., "location": ...}`` whose ``error``
 says what to do, because the CLI prints it as it is.
 """
@@ -13,7 +15,7 @@ import hmac
 import io
 import logging
 import tarfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -23,7 +25,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import clearway
-from clearway.backends.base import Backend
+from clearway.backends.base import Backend, RevisionObservation
 from clearway.control.credentials import ReplicaIdentity, read_replica_token
 from clearway.control.reconciler import Reconciler, desired_replicas
 from clearway.control.revisions import RevisionBuilder
@@ -139,7 +141,7 @@ def create_api(
             "events": store.events(name),
         }
 
-    def _revision_view(rev: Revision, observed: Any) -> dict[str, Any]:
+    def _revision_view(rev: Revision, observed: Mapping[str, RevisionObservation]) -> dict[str, Any]:
         view = rev.to_json()
         del view["spec"]
         obs = observed.get(rev.id)
