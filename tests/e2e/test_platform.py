@@ -343,10 +343,18 @@ def test_a_deploy_interrupted_by_a_control_plane_crash_completes_after_restart(
 ) -> None:
     project = write_app(tmp_path / "demo", asgi_app("first", replicas=1))
     platform.cli("deploy", str(project))
-    write_app(project, asgi_app("second", replicas=2))
+    # The second revision cannot become ready until the test opens this gate,
+    # so the crash lands mid-deploy whatever the machine's speed.
+    gate = tmp_path / "gate"
+    gated = asgi_app("second", replicas=2).replace(
+        "def web():\n",
+        f"def web():\n    import os, time\n    while not os.path.exists({str(gate)!r}):\n        time.sleep(0.05)\n",
+    )
+    write_app(project, gated)
     accepted = json.loads(platform.cli("deploy", str(project), "--no-wait", "--json").stdout)
     os.kill(platform.control_pid(), signal.SIGKILL)  # mid-deploy: the revision is starting
     assert platform.get("demo").text == "first"  # still served without a control plane
+    gate.touch()
     platform.up()
     deadline = time.monotonic() + 120
     while platform.status("demo")["active_revision"] != accepted["revision"]:
