@@ -362,3 +362,49 @@ def test_a_deploy_interrupted_by_a_control_plane_crash_completes_after_restart(
     assert platform.get("demo").text == "second"
     replicas = platform.status("demo")["replicas"]
     assert sorted(r["id"] for r in replicas if r["state"] == "ready") == ["demo-2-web-0", "demo-2-web-1"]
+
+
+def test_websockets_and_streaming_pass_through_the_platform(platform: Platform, tmp_path: Path) -> None:
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    app = """
+@app.service(public=True, health="/healthz")
+def web():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    async def health(request):
+        return PlainTextResponse("ok")
+
+    async def stream(request):
+        async def chunks():
+            for i in range(3):
+                yield f"chunk {i}\\n"
+        return StreamingResponse(chunks())
+
+    async def echo(ws):
+        await ws.accept()
+        async for message in ws.iter_text():
+            await ws.send_text("echo: " + message)
+
+    return Starlette(routes=[Route("/healthz", health), Route("/stream", stream), WebSocketRoute("/ws", echo)])
+"""
+    platform.cli("deploy", str(write_app(tmp_path / "demo", app)))
+    streamed = platform.get("demo", "/stream")
+    assert streamed.text == "chunk 0\nchunk 1\nchunk 2\n"
+    assert streamed.headers.get("transfer-encoding") == "chunked"
+
+    async def talk() -> list[str]:
+        async with connect(
+            f"ws://127.0.0.1:{platform.port}/ws", additional_headers={"host": "demo.localhost"}, open_timeout=30
+        ) as ws:
+            replies = []
+            for word in ("one", "two"):
+                await ws.send(word)
+                replies.append(str(await ws.recv()))
+            return replies
+
+    assert asyncio.run(talk()) == ["echo: one", "echo: two"]
