@@ -36,14 +36,14 @@ def asgi_app(text: str, replicas: int = 2) -> str:
 
 def test_hello_example_answers_on_its_url_from_every_replica(platform: Platform) -> None:
     result = platform.cli("deploy", str(EXAMPLES / "hello"))
-    assert f"http://hello.localhost:{platform.port}/" in result.stdout
+    assert f"http://hello.localhost:{platform.port}/" in result.stdout, result
 
     seen = set()
     for _ in range(30):
         response = platform.get("hello", "/?name=tester")
-        assert response.status_code == 200
-        assert response.text.startswith("Hello, tester! (revision hello-1")
-        assert response.headers.get("x-request-id")
+        assert response.status_code == 200, (response.status_code, response.text)
+        assert response.text.startswith("Hello, tester! (revision hello-1"), response.text
+        assert response.headers.get("x-request-id"), response.headers
         seen.add(response.text.split("replica ")[1])
     assert len(seen) == 3, seen  # the load is spread over the three replicas
 
@@ -51,9 +51,9 @@ def test_hello_example_answers_on_its_url_from_every_replica(platform: Platform)
     assert {c["name"]: (c["ready"], c["desired"]) for c in status["components"]} == {
         "web": (3, 3),
         "janitor": (1, 1),
-    }
+    }, status
     table = platform.cli("status").stdout
-    assert "hello" in table and "web 3/3" in table
+    assert "hello" in table and "web 3/3" in table, table
 
 
 def test_shop_example_routes_paths_to_several_services(platform: Platform) -> None:
