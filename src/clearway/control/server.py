@@ -120,6 +120,12 @@ class ControlPlane:
         store = Store(self.home.db_path)
         host, port, api_port, domains = _resolve(store, self.settings)
         api_sock = _bind("127.0.0.1", api_port, "API", "--api-port")
+        if api_port == 0 and api_sock.getsockname()[1] == port:
+            # The kernel may hand out the gateway's port, free until the gateway
+            # binds it: take another one (the first is held open meanwhile).
+            other = _bind("127.0.0.1", 0, "API", "--api-port")
+            api_sock.close()
+            api_sock = other
         api_port = api_sock.getsockname()[1]
         api_url = f"http://127.0.0.1:{api_port}"
         for key, value in (
