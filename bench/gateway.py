@@ -168,9 +168,16 @@ def clearway_gateway(
 
 
 def wrk(
-    url: str, duration: float, connections: int, script: Path | None = None, cpus: str | None = None
+    url: str,
+    duration: float,
+    connections: int,
+    script: Path | None = None,
+    cpus: str | None = None,
+    headers: tuple[str, ...] = ("Host: bench.localhost",),
 ) -> dict[str, float]:
-    cmd = [*pinned([], cpus), WRK, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-H", "Host: bench.localhost"]
+    cmd = [*pinned([], cpus), WRK, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    for header in headers:
+        cmd += ["-H", header]
     if script is not None:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout

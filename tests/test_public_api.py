@@ -21,6 +21,8 @@ EXPECTED = {
     "SpecError",
     "WorkerSpec",
     "__version__",
+    "identity_headers",
+    "service_url",
 }
 
 
@@ -32,7 +34,7 @@ def test_exported_members_are_exactly_the_public_api() -> None:
 
 def test_every_exported_exception_is_a_clearway_error() -> None:
     # Every exported exception derives from the one base class users catch.
-    for name in EXPECTED - {"App", "AppSpec", "Component", "ServiceSpec", "WorkerSpec", "__version__"}:
+    for name in EXPECTED - {"App", "AppSpec", "Component", "ServiceSpec", "WorkerSpec", "__version__", "identity_headers", "service_url"}:
         assert issubclass(getattr(clearway, name), clearway.ClearwayError), name
 
 

@@ -22,7 +22,7 @@ from clearway.exceptions import (
     RuntimeStartError,
     SpecError,
 )
-from clearway.sdk import App, Component
+from clearway.sdk import App, Component, identity_headers, service_url
 from clearway.spec import AppSpec, ServiceSpec, WorkerSpec
 
 __version__ = "0.1.0"
@@ -43,4 +43,6 @@ __all__ = [
     "SpecError",
     "WorkerSpec",
     "__version__",
+    "identity_headers",
+    "service_url",
 ]

@@ -121,13 +121,70 @@ class Load:
                     self.failures.append(f"{response.status_code} {response.text[:200]}")
 
     def wait_for(self, count: int) -> None:
-        """Wait until ``count`` more requests have succeeded."""
+        """Wait until ``count`` more requests have succeeded; fail if they never do.
+
+        A load that stopped flowing must fail the test: "0 failed requests" only
+        means something when requests were made throughout.
+        """
         target = self.ok + count
         deadline = time.monotonic() + 60
         while self.ok < target and time.monotonic() < deadline and not self.failures:
             self._stop.wait(0.01)
+        if self.failures:
+            raise AssertionError(f"requests failed under load: {self.failures[:5]}")
+        if self.ok < target:
+            raise AssertionError(
+                f"only {self.ok} requests succeeded, {target} expected: the load stopped flowing"
+            )
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         assert self._thread is not None
         self._thread.join(timeout=60)
+
+
+class Gate:
+    """A gate replicas wait on over HTTP: ``GET http://127.0.0.1:<port>/`` answers
+    503 until the test calls `open`, then 200.
+
+    Replicas are isolated (private /tmp, the test's files out of sight, another
+    uid), so a file cannot be the gate; loopback TCP is what they share with us.
+    """
+
+    def __init__(self) -> None:
+        import http.server
+
+        opened = self._opened = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200 if opened.is_set() else 503)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def open(self) -> None:
+        self._opened.set()
+
+    def wait_code(self, indent: str = "    ") -> str:
+        """Python lines that block until the gate opens (for a generated app file)."""
+        return (
+            f"{indent}import time, urllib.request, urllib.error\n"
+            f"{indent}while True:\n"
+            f"{indent}    try:\n"
+            f"{indent}        urllib.request.urlopen({self.url!r}, timeout=5)\n"
+            f"{indent}        break\n"
+            f"{indent}    except (urllib.error.URLError, OSError):\n"
+            f"{indent}        time.sleep(0.05)\n"
+        )
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

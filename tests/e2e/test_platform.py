@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import write_app
-from tests.e2e.platform import EXAMPLES, Load, Platform, free_port
+from tests.e2e.platform import EXAMPLES, Gate, Load, Platform, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -179,9 +179,9 @@ def test_logs_show_replica_output(platform: Platform) -> None:
         if "janitor: sweep #1" in deadline_lines:
             break
         platform.get("hello", "/")  # let time pass on the platform's clock, not ours
-    assert "[hello-1-janitor-0] janitor: sweep #1" in deadline_lines
+    assert "[hello-1.janitor.0] janitor: sweep #1" in deadline_lines
     as_json = [json.loads(line) for line in platform.cli("logs", "hello", "-c", "janitor", "--json").stdout.splitlines()]
-    assert {"replica": "hello-1-janitor-0", "line": "janitor: sweep #1"} in as_json
+    assert {"replica": "hello-1.janitor.0", "line": "janitor: sweep #1"} in as_json
 
 
 def test_metrics_count_requests_per_revision(platform: Platform, tmp_path: Path) -> None:
@@ -330,7 +330,7 @@ def caller():
         "app": "demo",
         "revision": "demo-1",
         "component": "caller",
-        "replica": "demo-1-caller-0",
+        "replica": "demo-1.caller.0",
         "revision_state": identity["revision_state"],
         "spec": None,
     }
@@ -339,29 +339,27 @@ def caller():
 
 
 def test_a_deploy_interrupted_by_a_control_plane_crash_completes_after_restart(
-    platform: Platform, tmp_path: Path
+    platform: Platform, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     project = write_app(tmp_path / "demo", asgi_app("first", replicas=1))
     platform.cli("deploy", str(project))
     # The second revision cannot become ready until the test opens this gate,
     # so the crash lands mid-deploy whatever the machine's speed.
-    gate = tmp_path / "gate"
-    gated = asgi_app("second", replicas=2).replace(
-        "def web():\n",
-        f"def web():\n    import os, time\n    while not os.path.exists({str(gate)!r}):\n        time.sleep(0.05)\n",
-    )
+    gate = Gate()
+    request.addfinalizer(gate.close)
+    gated = asgi_app("second", replicas=2).replace("def web():\n", "def web():\n" + gate.wait_code())
     write_app(project, gated)
     accepted = json.loads(platform.cli("deploy", str(project), "--no-wait", "--json").stdout)
     os.kill(platform.control_pid(), signal.SIGKILL)  # mid-deploy: the revision is starting
     assert platform.get("demo").text == "first"  # still served without a control plane
-    gate.touch()
+    gate.open()
     platform.up()
     deadline = time.monotonic() + 120
     while platform.status("demo")["active_revision"] != accepted["revision"]:
         assert time.monotonic() < deadline, platform.status("demo")
     assert platform.get("demo").text == "second"
     replicas = platform.status("demo")["replicas"]
-    assert sorted(r["id"] for r in replicas if r["state"] == "ready") == ["demo-2-web-0", "demo-2-web-1"]
+    assert sorted(r["id"] for r in replicas if r["state"] == "ready") == ["demo-2.web.0", "demo-2.web.1"]
 
 
 def test_websockets_and_streaming_pass_through_the_platform(platform: Platform, tmp_path: Path) -> None:
@@ -398,8 +396,10 @@ def web():
     assert streamed.headers.get("transfer-encoding") == "chunked"
 
     async def talk() -> list[str]:
+        # The URI names the app (one Host header: the gateway refuses two); the
+        # connection goes to the gateway's address.
         async with connect(
-            f"ws://127.0.0.1:{platform.port}/ws", additional_headers={"host": "demo.localhost"}, open_timeout=30
+            f"ws://demo.localhost:{platform.port}/ws", host="127.0.0.1", port=platform.port, open_timeout=30
         ) as ws:
             replies = []
             for word in ("one", "two"):

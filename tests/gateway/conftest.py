@@ -1,10 +1,11 @@
-"""Fixtures for the gateway tests: real replicas (uvicorn), a real gateway, real clients."""
+"""Fixtures for the gateway tests: real replicas (uvicorn on Unix sockets), a real gateway, real clients."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from clearway.gateway import Gateway, GatewaySettings, RouteTable
 
-from .replica import Replica, run_replica
+from .replica import Replica, run_replica, socket_dir
 
 
 def table(*routes: dict[str, Any], domains: tuple[str, ...] = ("localhost",), generation: int = 1) -> RouteTable:
@@ -36,6 +37,14 @@ def route(app: str, endpoints: list[str], **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (pytest's tmp_path can exceed sun_path's 107 bytes)."""
+    directory = socket_dir()
+    yield Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
 async def replica() -> AsyncIterator[Replica]:
     async with run_replica("r1") as r:
         yield r
@@ -55,7 +64,14 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     """Start gateways (closed at teardown): ``await start_gateway(table, **settings)``."""
     gateways: list[Gateway] = []
 
-    async def start(routes: RouteTable, *, admin: bool = False, access_log: bool = False, **settings: Any) -> Gateway:
+    async def start(
+        routes: RouteTable,
+        *,
+        admin: bool = False,
+        access_log: bool = False,
+        identity_key: Path | None = None,
+        **settings: Any,
+    ) -> Gateway:
         gw = Gateway(
             routes,
             port=0,
@@ -63,6 +79,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
             access_log=tmp_path / f"access{len(gateways)}.log" if access_log else None,
             settings=GatewaySettings(**settings),
             rng=random.Random(1234),
+            identity_key=identity_key,
         )
         await gw.start()
         gateways.append(gw)

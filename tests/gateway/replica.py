@@ -1,7 +1,9 @@
-"""A real replica for the gateway tests: uvicorn serving a small ASGI app on port 0.
+"""A real replica for the gateway tests: uvicorn serving a small ASGI app on a Unix socket.
 
-Running the same server the platform runs (uvicorn) keeps the tests honest
-about keep-alive, chunked encoding and WebSocket upgrades.  ``ReplicaControl``
+Running the same server the platform runs (uvicorn), listening the way the
+platform's replicas listen (a Unix socket; ``tcp=True`` for the one test that
+keeps TCP endpoints covered), keeps the tests honest about keep-alive, chunked
+encoding and WebSocket upgrades.  ``ReplicaControl``
 lets a test hold a response open (``release``) and see what arrived, so tests
 synchronise on events, never on sleeps.
 """
@@ -12,6 +14,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,20 +114,25 @@ def make_app(control: ReplicaControl) -> Callable[[Scope, Receive, Send], Awaita
 @dataclass
 class Replica:
     control: ReplicaControl
-    port: int
+    #: The route-table endpoint: ``"unix:/tmp/cw-.../r1.sock"`` or ``"127.0.0.1:port"``.
+    address: str
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+
+def socket_dir() -> str:
+    """A fresh directory for Unix sockets, short enough for ``sun_path`` (107 bytes)."""
+    return tempfile.mkdtemp(prefix="cw-", dir="/tmp")
 
 
 @contextlib.asynccontextmanager
-async def run_replica(name: str = "r1") -> AsyncIterator[Replica]:
+async def run_replica(name: str = "r1", *, tcp: bool = False) -> AsyncIterator[Replica]:
     control = ReplicaControl(name)
+    directory = None if tcp else socket_dir()
+    path = f"{directory}/{name}.sock" if directory is not None else None
     config = uvicorn.Config(
         make_app(control),
         host="127.0.0.1",
         port=0,
+        uds=path,
         log_level="critical",
         lifespan="off",
         ws="websockets-sansio",
@@ -134,10 +143,15 @@ async def run_replica(name: str = "r1") -> AsyncIterator[Replica]:
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
     await server.startup()
-    port = server.servers[0].sockets[0].getsockname()[1]
+    if path is not None:
+        address = f"unix:{path}"
+    else:
+        address = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     try:
-        yield Replica(control, port)
+        yield Replica(control, address)
     finally:
         control.release.set()
         server.should_exit = True
         await server.shutdown()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -3,31 +3,36 @@
 uvicorn is too well-behaved to reproduce "the replica closed a kept-alive
 connection just as the gateway reused it", so this fake answers
 ``answers_per_connection`` requests per connection and then closes the
-connection upon receiving the next request, without answering it.
+connection upon receiving the next request, without answering it.  It
+listens on a Unix socket, as the platform's replicas do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from .replica import socket_dir
 
 
 @dataclass
 class ScriptedReplica:
-    port: int
+    path: str
     #: "METHOD PATH" of every request that arrived, answered or not.
     requests: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"unix:{self.path}"
 
 
 @contextlib.asynccontextmanager
 async def run_scripted_replica(answers_per_connection: int) -> AsyncIterator[ScriptedReplica]:
-    replica = ScriptedReplica(port=0)
+    directory = socket_dir()
+    replica = ScriptedReplica(path=f"{directory}/scripted.sock")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         answered = 0
@@ -49,10 +54,10 @@ async def run_scripted_replica(answers_per_connection: int) -> AsyncIterator[Scr
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    replica.port = server.sockets[0].getsockname()[1]
+    server = await asyncio.start_unix_server(handle, replica.path)
     try:
         yield replica
     finally:
         server.close()
         await server.wait_closed()
+        shutil.rmtree(directory, ignore_errors=True)

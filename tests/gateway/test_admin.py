@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 
 from clearway.gateway import Gateway
@@ -16,7 +18,7 @@ async def admin_get(gw: Gateway, path: str, sock: str) -> httpx.Response:
 
 
 async def test_admin_endpoints_and_metrics(
-    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path
+    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     gw = await start_gateway(table(route("hello", [replica.address]), generation=7), admin=True, access_log=True)
     sock = str(tmp_path / "gw0.sock")

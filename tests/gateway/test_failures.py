@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,19 +16,22 @@ from .scripted_replica import run_scripted_replica
 HOST = {"host": "hello.localhost"}
 
 
-def dead_address() -> str:
-    """An address nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+def dead_address(directory: Path) -> str:
+    """A Unix socket nothing listens on any more (bound, then closed: the file stays)."""
+    path = directory / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    return f"unix:{path}"
 
 
-async def test_502_when_the_replica_is_down(start_gateway: GatewayFactory, client: httpx.AsyncClient) -> None:
-    gw = await start_gateway(table(route("hello", [dead_address()])))
+async def test_502_when_the_replica_is_down(
+    start_gateway: GatewayFactory, client: httpx.AsyncClient, sock_dir: Path
+) -> None:
+    gw = await start_gateway(table(route("hello", [dead_address(sock_dir), f"unix:{sock_dir}/missing.sock"])))
     r = await client.get(f"{gw.url}/", headers=HOST)
     assert r.status_code == 502
     assert "Could not connect to any replica of app 'hello'" in r.text
-    assert "127.0.0.1" not in r.text  # no internals in error pages
+    assert str(sock_dir) not in r.text  # no internals in error pages
 
 
 @pytest.mark.timeout(10)
@@ -43,9 +47,9 @@ async def test_504_when_the_replica_is_too_slow(
 
 
 async def test_connect_failure_is_retried_on_another_endpoint(
-    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient
+    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, sock_dir: Path
 ) -> None:
-    gw = await start_gateway(table(route("hello", [dead_address(), replica.address])))
+    gw = await start_gateway(table(route("hello", [dead_address(sock_dir), replica.address])))
     for _ in range(10):
         r = await client.post(f"{gw.url}/echo", headers=HOST, content=b"data")
         assert r.status_code == 200  # nothing was sent: even a POST is safe to retry

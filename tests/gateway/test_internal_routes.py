@@ -1,15 +1,25 @@
-"""Internal routes (replicas calling their app's private services) answer only
-clients on this machine; to anyone else they do not exist."""
+"""Internal routes: identity and policy decided from header values alone (no sockets),
+and the source address granting nothing in either direction."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from clearway.gateway import GatewaySettings, RoutesError, RouteTable
+from clearway.gateway import AllowRule, GatewaySettings, RoutesError, RouteTable
+from clearway.gateway._identity import (
+    Caller,
+    Denial,
+    IdentityVerifier,
+    check_caller,
+    check_pin,
+    load_public_key,
+)
 from clearway.gateway._metrics import Metrics
 from clearway.gateway._proxy import ClientConnection, ProxyContext
 from clearway.gateway._router import EndpointRegistry, Router
@@ -17,70 +27,163 @@ from clearway.gateway._upstream import UpstreamConnection
 from clearway.tasks import TaskSupervisor
 
 from .memory_transport import RecordingTransport
+from .token_issuer import TokenIssuer
 
-REQUEST = b"GET /_services/shop-1/pricing/discount HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
-
-
-def table(internal: object) -> RouteTable:
-    return RouteTable.from_json(
-        {
-            "version": 1,
-            "routes": [
-                {
-                    "app": "shop",
-                    "host": "127.0.0.1",
-                    "prefix": "/_services/shop-1/pricing",
-                    "strip_prefix": True,
-                    "internal": internal,
-                    "targets": [{"revision": "shop-1", "weight": 100, "endpoints": ["127.0.0.1:1"]}],
-                }
-            ],
-        }
-    )
+ENDPOINT = "unix:/tmp/cw-never/replica.sock"
+IDENTITIES = {"shop-1.web.0": "inc-a", "other-1.web.0": "inc-b"}
+ALLOW = (AllowRule("shop", "shop-1", None),)
 
 
-def send_from(peer: str) -> tuple[bytes, bytes]:
-    """What the client and the replica receive when ``peer`` sends REQUEST."""
+def table(internal: object = True, allow: object = None) -> RouteTable:
+    route: dict[str, object] = {
+        "app": "shop",
+        "host": "127.0.0.1",
+        "prefix": "/_services/shop-1/pricing",
+        "strip_prefix": True,
+        "internal": internal,
+        "targets": [{"revision": "shop-1", "weight": 100, "endpoints": [ENDPOINT]}],
+    }
+    if allow is not None:
+        route["allow"] = allow
+    return RouteTable.from_json({"version": 1, "identities": IDENTITIES, "routes": [route]})
+
+
+@pytest.fixture
+def issuer() -> TokenIssuer:
+    return TokenIssuer()
+
+
+@pytest.fixture
+def verifier(issuer: TokenIssuer, tmp_path: Path) -> IdentityVerifier:
+    key = load_public_key(issuer.write_public_key(tmp_path / "pub.pem"))
+    return IdentityVerifier(key, identities=IDENTITIES)
+
+
+def test_allowed_caller(issuer: TokenIssuer, verifier: IdentityVerifier) -> None:
+    token = issuer.replica("shop-1.web.0", "inc-a").encode()
+    caller = check_caller(verifier, token, ALLOW, "app 'shop'")
+    assert isinstance(caller, Caller) and caller.header == b"shop/shop-1/web"
+
+
+@pytest.mark.parametrize(
+    ("mint", "status", "reason"),
+    [
+        (lambda i: None, 401, "missing"),
+        (lambda i: TokenIssuer().replica("shop-1.web.0", "inc-a"), 401, "invalid"),  # another key
+        (lambda i: i.replica("shop-1.web.0", "inc-a", lifetime=-60), 401, "expired"),
+        (lambda i: i.replica("shop-1.web.0", "inc-old"), 401, "revoked"),  # a stopped incarnation
+        (lambda i: i.replica("shop-1.web.0", "inc-a", aud="clearway:pin"), 401, "invalid"),
+        (lambda i: i.pin("shop", "shop-1"), 401, "invalid"),  # a pin token is no identity
+        (lambda i: i.replica("other-1.web.0", "inc-b"), 403, "not-allowed"),
+        (lambda i: "not a jwt", 401, "invalid"),
+        (lambda i: i.replica("shop-1.web.0", "inc-a", comp="web\r\nx-evil: 1"), 401, "invalid"),
+    ],
+)
+def test_refused_callers(
+    issuer: TokenIssuer, verifier: IdentityVerifier, mint: Callable[[TokenIssuer], str | None], status: int, reason: str
+) -> None:
+    token = mint(issuer)
+    decision = check_caller(verifier, token.encode() if token else None, ALLOW, "app 'shop' at 127.0.0.1/x")
+    assert isinstance(decision, Denial)
+    assert (decision.status, decision.reason) == (status, reason)
+    if reason == "not-allowed":
+        assert "other/other-1/web (replica other-1.web.0) may not call app 'shop' at 127.0.0.1/x" in decision.message
+
+
+def test_cache_honours_expiry_and_the_identities_table(issuer: TokenIssuer, tmp_path: Path) -> None:
+    now = [1_000.0]
+    key = load_public_key(issuer.write_public_key(tmp_path / "pub.pem"))
+    verifier = IdentityVerifier(key, identities=IDENTITIES, clock=lambda: now[0], max_cached=2)
+    # The fake clock is far behind the real one: the token is current by both until we move it.
+    token = issuer.replica("shop-1.web.0", "inc-a", lifetime=3600).encode()
+    caller = verifier.caller(token)
+    assert isinstance(caller, Caller) and verifier.cached == 1
+    assert verifier.caller(token) is caller  # a cache hit: the same object
+    now[0] = caller.expires
+    assert isinstance(expired := verifier.caller(token), Denial) and expired.reason == "expired"
+    now[0] = 1_000.0
+    assert isinstance(verifier.caller(token), Caller)
+    verifier.set_identities({"other-1.web.0": "inc-b"})  # the replica stopped
+    assert verifier.cached == 0
+    assert isinstance(revoked := verifier.caller(token), Denial) and revoked.reason == "revoked"
+    verifier.set_identities(IDENTITIES)
+    for index in range(3):  # bounded: the oldest entries go first
+        assert isinstance(verifier.caller(issuer.replica("shop-1.web.0", "inc-a", n=index).encode()), Caller)
+    assert verifier.cached == 2
+
+
+def test_pins(issuer: TokenIssuer, verifier: IdentityVerifier) -> None:
+    assert check_pin(verifier, issuer.pin("shop", "shop-2").encode(), "shop", "shop-2") is None
+    missing = check_pin(verifier, None, "shop", "shop-2")
+    assert missing is not None and (missing.status, missing.reason) == (403, "pin-without-token")
+    other = check_pin(verifier, issuer.pin("shop", "shop-1").encode(), "shop", "shop-2")
+    assert other is not None and other.reason == "pin-token-mismatch"
+    replica_token = issuer.replica("shop-1.web.0", "inc-a").encode()
+    wrong_kind = check_pin(verifier, replica_token, "shop", "shop-1")
+    assert wrong_kind is not None and (wrong_kind.status, wrong_kind.reason) == (403, "pin-token-invalid")
+
+
+def test_no_key_refuses_everything(issuer: TokenIssuer) -> None:
+    verifier = IdentityVerifier(None, identities=IDENTITIES)
+    decision = check_caller(verifier, issuer.replica("shop-1.web.0", "inc-a").encode(), ALLOW, "x")
+    assert isinstance(decision, Denial) and (decision.status, decision.reason) == (401, "no-key")
+
+
+def send_from(peer: str, headers: bytes, verifier: IdentityVerifier) -> tuple[bytes, bytes]:
+    """What the client and the replica receive when ``peer`` sends a request to the internal route."""
     loop = asyncio.get_running_loop()
     settings = GatewaySettings()
     endpoints = EndpointRegistry(settings, loop)
     metrics = Metrics()
+    routes = table(allow=[{"app": "shop", "revision": "shop-1", "component": None}])
     ctx = ProxyContext(
         loop=loop,
         settings=settings,
-        router=Router(table(True), endpoints, metrics, random.Random(1)),
+        router=Router(routes, endpoints, metrics, random.Random(1)),
         metrics=metrics,
         supervisor=TaskSupervisor(logging.getLogger("test")),
         access_log=None,
+        verifier=verifier,
     )
-    endpoint = endpoints.get("127.0.0.1:1")
-    replica = RecordingTransport(("127.0.0.1", 1))
+    endpoint = endpoints.get(ENDPOINT)
+    replica = RecordingTransport(("", 0))
     upstream = UpstreamConnection(endpoint)
     upstream.connection_made(replica)  # type: ignore[arg-type]
     endpoint.release(upstream)  # an idle pooled connection, so no socket is needed
     client = RecordingTransport((peer, 40000))
     connection = ClientConnection(ctx)
     connection.connection_made(client)  # type: ignore[arg-type]
-    connection.data_received(REQUEST)
+    connection.data_received(
+        b"GET /_services/shop-1/pricing/discount HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n" + headers + b"\r\n"
+    )
     return client.data, replica.data
 
 
 @pytest.mark.timeout(10)
-async def test_local_clients_reach_the_private_service() -> None:
-    to_client, to_replica = send_from("127.0.0.1")
-    assert to_replica.startswith(b"GET /discount HTTP/1.1\r\n")
-    assert to_client == b""  # the answer comes from the replica
-
-
-@pytest.mark.timeout(10)
-async def test_other_clients_get_a_404_and_nothing_is_forwarded() -> None:
-    to_client, to_replica = send_from("203.0.113.9")
-    assert to_client.startswith(b"HTTP/1.1 404 ")
+@pytest.mark.parametrize("peer", ["127.0.0.1", "203.0.113.9"])
+async def test_the_source_address_grants_nothing(
+    peer: str, issuer: TokenIssuer, verifier: IdentityVerifier
+) -> None:
+    to_client, to_replica = send_from(peer, b"", verifier)
+    assert to_client.startswith(b"HTTP/1.1 401 ") and b'www-authenticate: Bearer realm="clearway"' in to_client
     assert to_replica == b""
+    token = issuer.replica("shop-1.web.0", "inc-a").encode()
+    to_client, to_replica = send_from(peer, b"x-clearway-identity: " + token + b"\r\n", verifier)
+    assert to_client == b""  # the answer comes from the replica
+    assert to_replica.startswith(b"GET /discount HTTP/1.1\r\n")
+    assert b"x-clearway-caller: shop/shop-1/web\r\n" in to_replica and token not in to_replica
 
 
-def test_internal_is_a_boolean_and_round_trips() -> None:
-    assert table(True).routes[0].internal is True
-    assert table(True).to_json()["routes"][0]["internal"] is True
+def test_routes_file_fields_round_trip_and_are_validated() -> None:
+    routes = table(allow=[{"app": "shop", "revision": None, "component": "web"}])
+    assert routes.routes[0].allow == (AllowRule("shop", None, "web"),)
+    assert routes.identities == IDENTITIES
+    assert RouteTable.from_json(routes.to_json()) == routes
     with pytest.raises(RoutesError, match="internal must be true or false"):
         table("yes")
+    with pytest.raises(RoutesError, match="allow is only meaningful on an internal route"):
+        table(internal=False, allow=[])
+    with pytest.raises(RoutesError, match=r"allow\[0\] has unknown field"):
+        table(allow=[{"app": "shop", "revison": "shop-1"}])
+    with pytest.raises(RoutesError, match="identities must be an object"):
+        RouteTable.from_json({"version": 1, "identities": ["x"]})

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from .conftest import GatewayFactory, raw_exchange, route, table
-from .replica import Replica
+from .replica import Replica, run_replica
 
 HOST = {"host": "hello.localhost"}
 
@@ -38,7 +39,7 @@ async def test_chunked_upload_and_content_length_upload(
     gw = await start_gateway(table(route("hello", [replica.address])))
     payload = bytes(range(256)) * 4096  # 1 MiB
 
-    async def body():
+    async def body() -> AsyncIterator[bytes]:
         for i in range(0, len(payload), 65536):
             yield payload[i : i + 65536]
 
@@ -161,7 +162,17 @@ async def test_websocket_echo(replica: Replica, start_gateway: GatewayFactory) -
     from websockets.asyncio.client import connect
 
     gw = await start_gateway(table(route("hello", [replica.address])))
-    async with connect(f"ws://127.0.0.1:{gw.port}/ws", additional_headers=HOST) as ws:
+    # The URI gives the Host header (one only: two get a 400); the connection goes to the gateway.
+    async with connect(f"ws://hello.localhost:{gw.port}/ws", host="127.0.0.1") as ws:
         for text in ("one", "two"):
             await ws.send(text)
             assert await ws.recv() == f"r1:{text}"
+
+
+async def test_tcp_endpoints_still_work(start_gateway: GatewayFactory, client: httpx.AsyncClient) -> None:
+    # Replicas listen on Unix sockets; "host:port" endpoints remain for tests and benchmarks.
+    async with run_replica("tcp", tcp=True) as tcp:
+        assert not tcp.address.startswith("unix:")
+        gw = await start_gateway(table(route("hello", [tcp.address])))
+        r = await client.get(f"{gw.url}/echo", headers=HOST)
+        assert r.status_code == 200 and r.json()["replica"] == "tcp"

@@ -18,7 +18,7 @@ EXAMPLE = {
             "app": "hello", "host": "hello", "prefix": "/", "strip_prefix": False, "timeout": 60.0,
             "pin_header": "x-clearway-revision",
             "targets": [
-                {"revision": "hello-3", "weight": 90, "endpoints": ["127.0.0.1:40123", "127.0.0.1:40124"]},
+                {"revision": "hello-3", "weight": 90, "endpoints": ["unix:/run/cw/hello-3.web.0.sock", "127.0.0.1:40124"]},
                 {"revision": "hello-4", "weight": 10, "endpoints": []},
             ],
         }
@@ -34,7 +34,7 @@ def test_parses_the_documented_example(tmp_path: Path) -> None:
     assert table.domains == ("localhost", "apps.example.com")
     (route,) = table.routes
     assert [t.revision for t in route.targets] == ["hello-3", "hello-4"]
-    assert route.targets[0].endpoints == ("127.0.0.1:40123", "127.0.0.1:40124")
+    assert route.targets[0].endpoints == ("unix:/run/cw/hello-3.web.0.sock", "127.0.0.1:40124")
     assert RouteTable.from_json(table.to_json()) == table
 
 
@@ -45,6 +45,8 @@ def test_parses_the_documented_example(tmp_path: Path) -> None:
         ({"routes": [{"app": "a", "host": "a", "prefix": "nope", "targets": []}]}, "prefix must start"),
         ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": -1}]}]}, "weight"),
         ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["x"]}]}]}, "127.0.0.1:40123"),
+        ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["unix:rel.sock"]}]}]}, "absolute socket path"),
+        ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["unix:/" + "a" * 107]}]}]}, "longer than 107 bytes"),
     ],
 )
 def test_refuses_bad_tables_with_a_clear_error(patch: dict[str, object], message: str) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
 from .conftest import GatewayFactory, route, table, until
 from .replica import Replica
+from .token_issuer import TokenIssuer
 
 
 async def test_routes_by_host_domain_and_longest_prefix(
@@ -47,10 +49,12 @@ async def test_routes_by_host_domain_and_longest_prefix(
 
 
 async def test_weighted_split_and_header_pin(
-    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient
+    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
+    issuer = TokenIssuer()
     gw = await start_gateway(
-        table(
+        identity_key=issuer.write_public_key(tmp_path / "signing.pub.pem"),
+        routes=table(
             {
                 "app": "hello", "host": "hello",
                 "targets": [
@@ -59,19 +63,19 @@ async def test_weighted_split_and_header_pin(
                     {"revision": "hello-3", "weight": 0, "endpoints": [replica2.address]},
                 ],
             }
-        )
+        ),
     )
-    seen = Counter()
+    seen: Counter[str] = Counter()
     for _ in range(200):
         r = await client.get(f"{gw.url}/", headers={"host": "hello.localhost"})
         seen[r.json()["replica"]] += 1
     assert 120 <= seen["r1"] <= 190, seen  # 160 expected
+    pin = {"x-clearway-revision": "hello-3", "x-clearway-pin-token": issuer.pin("hello", "hello-3")}
     for _ in range(5):
-        r = await client.get(
-            f"{gw.url}/", headers={"host": "hello.localhost", "x-clearway-revision": "hello-3"}
-        )
+        r = await client.get(f"{gw.url}/", headers={"host": "hello.localhost", **pin})
         assert r.json()["replica"] == "r2"
-        assert ["x-clearway-revision", "hello-3"] in r.json()["headers"]
+        forwarded = {name for name, _ in r.json()["headers"]}
+        assert not forwarded & {"x-clearway-revision", "x-clearway-pin-token"}
 
 
 @pytest.mark.timeout(20)

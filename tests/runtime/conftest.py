@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from clearway.runtime import (
@@ -31,14 +34,35 @@ FAST = SupervisorConfig(
         failure_threshold=2,
         worker_ready_after=1.0,
     ),
-    log_rotate_interval=3600,
 )
+
+#: A uid/gid no account on the machine uses: replicas started with it own nothing of ours.
+APP_UID = 400123
+OTHER_APP_UID = 400124
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (their paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="cw-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def client_for(socket_path: str | Path | None, **kwargs: Any) -> httpx.AsyncClient:
+    """An HTTP client that talks to a replica over its unix socket."""
+    assert socket_path is not None
+    transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
+    return httpx.AsyncClient(transport=transport, base_url="http://replica", **kwargs)
+
 
 SpecFactory = Callable[..., ReplicaSpec]
 
 
 @pytest.fixture
-def make_spec(tmp_path: Path) -> SpecFactory:
+def make_spec(tmp_path: Path, socket_dir: Path) -> SpecFactory:
     """Write ``source`` as the app file of a fresh code snapshot; return its spec."""
     counter = 0
 
@@ -62,6 +86,7 @@ def make_spec(tmp_path: Path) -> SpecFactory:
             "app_file": "app.py",
             "workdir": tmp_path / "replicas" / replica_id,
             "log_path": tmp_path / "logs" / f"{replica_id}.log",
+            "socket_path": socket_dir / "sockets" / f"{counter}.sock",
             "grace_period": 5.0,
             "startup_timeout": 20.0,
         }

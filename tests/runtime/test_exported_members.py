@@ -9,8 +9,8 @@ def test_exported_members() -> None:
     exported = {name for name in dir(clearway.runtime) if not name.startswith("_")}
     modules = {
         "cgroups", "clock", "exit_codes", "interface", "launcher", "logs",
-        "probes", "process", "restarts", "sandbox", "spec", "status", "supervisor", "annotations",
+        "probes", "process", "restarts", "isolation", "logwriter", "replica", "spec", "status", "supervisor", "annotations",
     }  # fmt: skip
     assert exported - modules == set(clearway.runtime.__all__)
-    for name in set(clearway.runtime.__all__) - {"StatusCallback"}:  # a type alias
+    for name in set(clearway.runtime.__all__) - {"StatusCallback", "Credentials"}:  # type aliases
         assert getattr(clearway.runtime, name).__module__.startswith("clearway.runtime.")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
+import dataclasses
+import os
+import signal
+import time
 
-from clearway.runtime import ReplicaState, Supervisor
-from tests.runtime.conftest import SpecFactory, StatusLog
+from clearway.runtime import ProbePolicy, ReplicaState, Supervisor
+from tests.runtime.conftest import FAST, SpecFactory, StatusLog, client_for
 
 CRASHING_WORKER = """
 import clearway as cw
@@ -137,13 +140,41 @@ async def test_failing_liveness_probes_restart_the_replica(
     )
 
     assert again.pid != ready.pid
-    assert again.port == ready.port  # the port belongs to the replica, not the process
+    assert again.socket_path == ready.socket_path  # the socket belongs to the replica
     assert again.last_error == (
         "failed 2 liveness probes in a row; last: GET /healthz answered 500"
     )
     assert status_log.states(spec.replica_id) == [
         "starting", "ready", "unhealthy", "backoff", "starting", "ready",
     ]  # fmt: skip
-    async with httpx.AsyncClient() as client:
-        answer = await client.get(f"http://127.0.0.1:{again.port}/healthz")
-    assert answer.text == str(again.pid)
+    async with client_for(again.socket_path) as client:
+        answer = await client.get("/healthz")
+    assert answer.text == "2"  # a fresh process, in its own pid namespace
+
+
+async def test_a_stopped_replica_leaves_rotation_within_the_probe_bound(
+    make_spec: SpecFactory, status_log: StatusLog
+) -> None:
+    """SIGSTOP: the first failed liveness probe takes it out of rotation (default policy)."""
+    config = dataclasses.replace(FAST, probes=ProbePolicy(failure_threshold=3))
+    spec = make_spec(FALLS_SICK, health_path="/healthz", grace_period=1.0)
+    async with Supervisor(on_change=status_log, config=config) as supervisor:
+        await supervisor.start(spec)
+        ready = await supervisor.wait_for(spec.replica_id, ReplicaState.READY, within=20)
+        assert ready.pid is not None
+        os.killpg(ready.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            out = await supervisor.wait_for(
+                spec.replica_id, within=20, predicate=lambda s: s.state is not ReplicaState.READY
+            )
+            took = time.monotonic() - stopped_at
+        finally:
+            os.killpg(ready.pid, signal.SIGCONT)
+        print(f"SIGSTOP -> out of rotation: {took:.2f}s")
+        bound = config.probes.liveness_interval + config.probes.timeout
+        assert out.state is ReplicaState.UNHEALTHY
+        assert took <= bound + 0.5  # interval + timeout, plus scheduling
+        # Awake again: back in rotation at the next success, without a restart.
+        back = await supervisor.wait_for(spec.replica_id, ReplicaState.READY, within=20)
+        assert back.pid == ready.pid and back.restarts == 0

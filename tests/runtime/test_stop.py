@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-
 from clearway.runtime import ReplicaState, Supervisor
 from tests.runtime.conditions import file_text, poll_until
-from tests.runtime.conftest import SpecFactory, StatusLog
+from tests.runtime.conftest import SpecFactory, StatusLog, client_for
 
 # /slow sends a first chunk, then finishes only once the test creates "release" in the workdir.
 SLOW_APP = """
@@ -73,8 +71,10 @@ async def test_stop_lets_an_in_flight_request_finish(
     await supervisor.start(spec)
     ready = await supervisor.wait_for(spec.replica_id, ReplicaState.READY, within=20)
 
-    url = f"http://127.0.0.1:{ready.port}/slow"
-    async with httpx.AsyncClient(timeout=30) as client, client.stream("GET", url) as response:
+    async with (
+        client_for(ready.socket_path, timeout=30) as client,
+        client.stream("GET", "/slow") as response,
+    ):
         chunks = response.aiter_bytes()
         assert await anext(chunks) == b"started\n"  # the request is in flight
 

@@ -1,8 +1,9 @@
 """The shop's JSON API (FastAPI, ASGI), served under /api.
 
 ``/api/quote/{id}`` asks the private ``pricing`` service for a discount: a
-service-to-service call through ``CLEARWAY_SERVICE_PRICING_URL``, which the
-platform sets in every replica and which always reaches the same revision.
+service-to-service call to ``cw.service_url("pricing")`` (the same revision's
+pricing), proving who is calling with ``cw.identity_headers()``; the gateway
+refuses callers without a credential or outside the service's ``allow`` policy.
 """
 
 import json
@@ -10,6 +11,8 @@ import os
 import urllib.request
 
 from fastapi import FastAPI, HTTPException
+
+import clearway as cw
 
 api = FastAPI(title="shop api")
 
@@ -31,7 +34,8 @@ def quote(product_id: int) -> dict[str, object]:
     product = PRODUCTS.get(product_id)
     if product is None:
         raise HTTPException(404, f"no product {product_id}")
-    with urllib.request.urlopen(os.environ["CLEARWAY_SERVICE_PRICING_URL"] + "/discount", timeout=10) as response:
+    request = urllib.request.Request(cw.service_url("pricing") + "/discount", headers=cw.identity_headers())
+    with urllib.request.urlopen(request, timeout=10) as response:
         discount = json.load(response)["discount"]
     price = float(product["price"])  # type: ignore[arg-type]
     return {"product": product["name"], "price": round(price * (1 - discount), 2), "currency": os.environ["SHOP_CURRENCY"]}

@@ -31,6 +31,8 @@ class Workload:
     app_file: str
     env: Mapping[str, str]
     replicas: Mapping[str, int]
+    #: The app's own uid (= gid) its replicas run as; None: the platform's own user.
+    uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,13 @@ class Backend(Protocol):
     async def apply(self, desired: DesiredState) -> None:
         """Converge towards ``desired`` (idempotent; called on every pass)."""
 
-    async def converged(self) -> None:
-        """Return once the data plane routes as the last ``apply`` asked."""
+    async def converged(self) -> bool:
+        """Wait (bounded) until the data plane routes as the last ``apply`` asked;
+        False when it did not within the bound (the caller must not count on it)."""
+
+    def replica_incarnation(self, replica_id: str) -> str | None:
+        """The incarnation of the process running as ``replica_id`` now, if any:
+        how the control plane refuses a stopped or restarted replica's credential."""
 
     def observe(self) -> Mapping[str, RevisionObservation]:
         """Readiness per revision that the backend runs."""

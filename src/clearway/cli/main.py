@@ -23,6 +23,7 @@ from rich.table import Table
 from clearway.cli.client import Client
 from clearway.cli.packaging import pack
 from clearway.control.home import Home
+from clearway.control.uploads import ENV_KEY
 from clearway.exceptions import APIError, AppLoadError, ClearwayError, DeployError, SpecError
 from clearway.runtime.process import is_alive
 
@@ -183,9 +184,14 @@ def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str,
         root, app_file = path, app_file or "app.py"
         if not (root / app_file).is_file():
             fail(f"no {app_file} in {root}: create it (`app = clearway.App(\"name\")`), or name the file with --file")
-    for item in env:
-        if "=" not in item or item.startswith("="):
-            fail(f"--env {item!r} is not KEY=VALUE")
+    for index, item in enumerate(env, start=1):
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--env #{index} has no '=': write it as KEY=VALUE")
+        if not ENV_KEY.fullmatch(key):
+            fail(f"--env key {key[:64]!r} is not a valid variable name: use letters, digits and '_', not starting with a digit")
+        if "\0" in value:
+            fail(f"--env {key}: the value contains a NUL byte")
     client = client_of(ctx)
     with err.status(f"uploading {root.name}…"):
         archive = pack(root)
@@ -224,6 +230,13 @@ def wait_for_revision(client: Client, rev_id: str) -> dict[str, Any]:
                     f"{rev_id} did not start; the previous revision (if any) keeps serving. "
                     "Fix the error below and deploy again.",
                     details=revision.get("error"),
+                )
+            if revision.get("platform_error"):
+                # The platform cannot move any revision on (a full disk): say so
+                # rather than wait for a state change that cannot be recorded.
+                raise DeployError(
+                    f"{rev_id} cannot make progress: {revision['platform_error']}",
+                    details="the previous revision (if any) keeps serving; deploy again once this is fixed",
                 )
             progress = ", ".join(f"{n} {c['ready']}/{c['desired']}" for n, c in revision["components"].items())
             status.update(f"starting {rev_id}… {progress}")
@@ -361,6 +374,97 @@ def destroy(ctx: click.Context, app: str, yes: bool) -> None:
 def metrics(ctx: click.Context) -> None:
     """Print the gateway's per-revision metrics (Prometheus text format)."""
     sys.stdout.write(client_of(ctx).text("/v1/metrics"))
+
+
+@cli.command("pin-token")
+@click.argument("revision")
+@click.option("--ttl", type=click.IntRange(60, 24 * 3600), default=3600, show_default=True, help="Seconds the token is valid.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON (header, token, expires_at).")
+@click.pass_context
+@run_command
+def pin_token(ctx: click.Context, revision: str, ttl: int, as_json: bool) -> None:
+    """Print a header that lets requests pin REVISION (even at weight 0).
+
+    \b
+    curl -H "$(clearway pin-token hello-2)" -H 'x-clearway-revision: hello-2' http://hello.localhost:8080/
+    """
+    issued = client_of(ctx).request("POST", f"/v1/revisions/{revision}/pin-token", json={"ttl": ttl})
+    if as_json:
+        print_json(issued)
+        return
+    sys.stdout.write(f"{issued['header']}: {issued['token']}\n")
+
+
+@cli.command()
+@click.option("--app", help="Only calls about this app.")
+@click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=50, show_default=True, help="How many of the newest calls.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def audit(ctx: click.Context, app: str | None, limit: int, as_json: bool) -> None:
+    """Show state-changing API calls: when, who, what, and how they ended."""
+    params: dict[str, Any] = {"limit": limit}
+    if app:
+        params["app"] = app
+    entries = client_of(ctx).request("GET", "/v1/audit", params=params)
+    if as_json:
+        print_json(entries)
+        return
+    if not entries:
+        out.print("no state-changing calls recorded yet")
+        return
+    table = Table("TIME", "WHO", "CALL", "STATUS", "APP", box=None, pad_edge=False)
+    table.add_column("DETAIL", overflow="fold")
+    for entry in entries:
+        code = int(entry["status"])
+        colour = "green" if code < 400 else "red"
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["at"])),
+            entry["principal"],
+            f"{entry['method']} {entry['path']}",
+            f"[{colour}]{code}[/]",
+            entry["app"] or "-",
+            entry["detail"] or "",
+        )
+    out.print(table)
+
+
+@cli.group()
+def state() -> None:
+    """Inspect and repair the platform's state database."""
+
+
+@state.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+@run_command
+def recover(ctx: click.Context, yes: bool) -> None:
+    """Move a damaged state.db aside and salvage what it holds.
+
+    For when `clearway up` refuses to start because the state lost committed
+    changes or fails SQLite's integrity check. Nothing is deleted: the damaged
+    files are kept in state.damaged-<time>/.
+    """
+    from clearway.control.integrity import recover as recover_state
+
+    home = home_of(ctx)
+    if not home.db_path.exists() and not home.witness_path.exists():
+        fail(f"no state in {home.root}: nothing to recover")
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"move {home.db_path} aside and rebuild it from what can be read?", abort=True)
+    report = recover_state(home.db_path, lock_path=home.lock_path)
+    out.print(f"moved the damaged state to {report.moved_to}")
+    for table_name, rows in sorted(report.rows.items()):
+        out.print(f"  {table_name}: {rows} rows salvaged")
+    for table_name, reason in sorted(report.lost_tables.items()):
+        err.print(f"  [red]{table_name}: unreadable[/] ({reason})", markup=True)
+    if report.commits_vouched is not None and report.commits_salvaged < report.commits_vouched:
+        err.print(
+            f"[yellow]{report.commits_vouched - report.commits_salvaged} committed changes were lost[/]: "
+            "check `clearway status` after `clearway up` and redeploy what is missing",
+            markup=True,
+        )
+    out.print("[green]✓[/] state rebuilt: `clearway up` starts from it")
 
 
 # -- local, no platform needed --------------------------------------------------------

@@ -3,19 +3,20 @@ from the same code that serves it: ``GET /openapi.json``).
 
 Every route under ``/v1`` but ``/v1/health`` and ``/v1/schema`` needs
 ``Authorization: Bearer <token>``: the operator's API token (created on first
-start, see ``control.home``) or, for ``/v1/replica`` only, a replica's own token
-(see ``control.credentials``). Errors
-are JSON ``{"error": ..., "details": ..., "location": ...}`` whose ``error``
-says what to do, because the CLI prints it as it is.
+start, see ``control.home``) or, for ``/v1/replica`` and ``/v1/replica/token``
+only, a replica's own token (see ``control.credentials``), accepted only while
+that replica runs with the incarnation the token names. Errors are JSON
+``{"error": ..., "details": ..., "location": ...}`` whose ``error`` says what
+to do, because the CLI prints it as it is; a full disk is 507. Every
+state-changing call is recorded in the audit log (``control.audit``).
 """
 
 from __future__ import annotations
 
 import hmac
-import io
 import logging
-import tarfile
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -26,17 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import clearway
 from clearway.backends.base import Backend, RevisionObservation
-from clearway.control.credentials import ReplicaIdentity, read_replica_token
+from clearway.control.audit import AuditMiddleware, note
+from clearway.control.credentials import PIN_HEADER, TOKEN_TTL, ReplicaIdentity, SigningKey
+from clearway.control.faults import StorageFull
 from clearway.control.reconciler import Reconciler, desired_replicas
 from clearway.control.revisions import RevisionBuilder
 from clearway.control.store import Revision, RevisionState, Store
+from clearway.control.uploads import parse_env, receive
 from clearway.exceptions import APIError
 from clearway.spec.model import json_schema
 
 log = logging.getLogger("clearway.control")
-
-#: Largest code upload accepted by ``POST /v1/deploy``.
-MAX_UPLOAD = 256 * 1024 * 1024
 
 
 class ScaleRequest(BaseModel):
@@ -46,6 +47,10 @@ class ScaleRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     revision: str | None = None
+
+
+class PinTokenRequest(BaseModel):
+    ttl: Annotated[int, Field(ge=60, le=24 * 3600)] = TOKEN_TTL
 
 
 def _error(status: int, message: str, *, details: str | None = None, location: str | None = None) -> JSONResponse:
@@ -59,6 +64,7 @@ def create_api(
     reconciler: Reconciler,
     builder: RevisionBuilder,
     token: str,
+    signing: SigningKey,
     on_shutdown: Callable[[], None],
 ) -> FastAPI:
     api = FastAPI(
@@ -66,20 +72,46 @@ def create_api(
         version=clearway.__version__,
         description="Deploy, scale, roll back and observe apps. Authenticate with `Authorization: Bearer <token>` (the token is in $CLEARWAY_HOME/token).",
     )
+    upload_dir: Path = builder.work_root
+
+    def identify(authorization: str) -> str:
+        """The audit principal of a request: never raises, never returns the token."""
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return "anonymous"
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return "operator"
+        identity = signing.read_replica_token(given)
+        return identity.replica if identity is not None else "anonymous"
+
+    api.add_middleware(AuditMiddleware, store=store, identify=identify)
+
+    def refused(request: Request, message: str) -> None:
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            note(request, detail=f"refused: {message}")
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        refused(request, exc.message)
         return _error(exc.status, exc.message, details=exc.details)
+
+    @api.exception_handler(StorageFull)
+    async def _storage_full(request: Request, exc: StorageFull) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc.message)
+        refused(request, exc.message)
+        return _error(507, exc.message)
 
     @api.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
+        refused(request, f"invalid request: {problems}")
         return _error(422, f"invalid request: {problems}")
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        refused(request, str(exc.detail))
         return _error(exc.status_code, str(exc.detail))
 
     async def authenticate(request: Request) -> None:
@@ -96,13 +128,21 @@ def create_api(
 
     async def replica_identity(request: Request) -> ReplicaIdentity:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        identity = read_replica_token(token, given) if scheme.lower() == "bearer" else None
+        identity = signing.read_replica_token(given) if scheme.lower() == "bearer" else None
         if identity is None:
             raise APIError(
                 401,
-                "missing or wrong replica token: send `Authorization: Bearer $CLEARWAY_REPLICA_TOKEN` "
-                "(the platform sets it in every replica's environment)",
+                "missing, expired or wrong replica token: send `Authorization: Bearer $CLEARWAY_REPLICA_TOKEN` "
+                "(the platform sets it in every replica's environment; renew it with POST /v1/replica/token)",
             )
+        if backend.replica_incarnation(identity.replica) != identity.incarnation:
+            # A stopped or restarted replica's token dies with its process.
+            raise APIError(
+                401,
+                f"replica token of {identity.replica} is for a process that no longer runs "
+                "(stopped or restarted); the running process has a token of its own",
+            )
+        note(request, app=identity.app)
         return identity
 
     def need_app(name: str) -> None:
@@ -173,22 +213,27 @@ def create_api(
         Returns at once with the revision id; poll ``GET /v1/revisions/{id}``
         until its state is ``active`` or ``failed``.
         """
-        pairs: dict[str, str] = {}
-        for item in env or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise APIError(422, f"env {item!r} is not KEY=VALUE")
-            pairs[key] = value
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > MAX_UPLOAD:
-                raise APIError(413, f"the project is larger than {MAX_UPLOAD // 2**20} MiB: exclude data and virtualenvs (a .clearwayignore file lists what to leave out)")
+        pairs = parse_env(env or [])
+        limit = builder.limits.max_compressed
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(
+                413,
+                f"the upload is larger than {limit // 2**20} MiB compressed: leave data, virtualenvs "
+                "and build output out (list them in a .clearwayignore file)",
+            )
+        if pairs:
+            note(request, detail=f"env keys: {', '.join(sorted(pairs))}")
+        upload = await receive(request.stream(), upload_dir, max_bytes=limit)
         try:
-            archive = tarfile.open(fileobj=io.BytesIO(bytes(body)), mode="r:gz")  # noqa: SIM115 - the builder closes it
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise APIError(400, f"the upload is not a gzipped tar archive ({exc}); use `clearway deploy`") from None
-        revision = await builder.build(archive, app_file=app_file, env=pairs)
+            revision = await builder.build(upload, app_file=app_file, env=pairs)
+        finally:
+            upload.unlink(missing_ok=True)
+        note(
+            request,
+            app=revision.app,
+            detail=f"revision {revision.id}" + (f"; env keys: {', '.join(sorted(pairs))}" if pairs else ""),
+        )
         reconciler.poke()
         return {"revision": revision.id, "app": revision.app, "state": revision.state.value}
 
@@ -209,7 +254,8 @@ def create_api(
         store.delete_app(name)
         reconciler.poke()
         await reconciler.wait_pass()
-        await backend.converged()
+        if not await backend.converged():
+            log.warning("deleted app %s; the gateway has not confirmed its new routes yet", name)
         return {"deleted": name}
 
     @api.get("/v1/revisions/{rev_id}", dependencies=auth, tags=["apps"])
@@ -217,10 +263,38 @@ def create_api(
         rev = store.revision(rev_id)
         if rev is None:
             raise APIError(404, f"no revision {rev_id!r}; `clearway status APP` lists an app's revisions")
-        return _revision_view(rev, backend.observe()) | {"spec": rev.spec.model_dump(mode="json")}
+        return _revision_view(rev, backend.observe()) | {
+            "spec": rev.spec.model_dump(mode="json"),
+            # A fault keeping the platform from moving any revision on (a full
+            # disk): `clearway deploy` shows it instead of waiting forever.
+            "platform_error": reconciler.fault,
+        }
+
+    @api.post("/v1/revisions/{rev_id}/pin-token", dependencies=auth, tags=["apps"])
+    async def pin_token(request: Request, rev_id: str, body: PinTokenRequest | None = None) -> dict[str, Any]:
+        """A credential that lets its bearer pin requests to this revision.
+
+        Send both ``x-clearway-revision: <id>`` and ``x-clearway-pin-token:
+        <token>`` to the gateway: a revision at weight 0 (a deploy being
+        checked) answers only pinned requests that carry a valid one.
+        """
+        rev = store.revision(rev_id)
+        if rev is None:
+            raise APIError(404, f"no revision {rev_id!r}; `clearway status APP` lists an app's revisions")
+        issued = signing.mint_pin_token(rev.app, rev.id, ttl=(body or PinTokenRequest()).ttl)
+        note(request, app=rev.app, detail=f"pin token for {rev.id}, expires {issued.expires_at}")
+        return {"header": PIN_HEADER, "token": issued.token, "expires_at": issued.expires_at}
+
+    @api.get("/v1/audit", dependencies=auth, tags=["platform"])
+    async def audit(
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        app: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """State-changing API calls, newest last: who (operator or replica id), what, when, outcome."""
+        return [entry.to_json() for entry in store.audit(limit=limit, app=app)]
 
     @api.post("/v1/apps/{name}/scale", dependencies=auth, tags=["apps"])
-    async def scale(name: str, body: ScaleRequest) -> dict[str, Any]:
+    async def scale(request: Request, name: str, body: ScaleRequest) -> dict[str, Any]:
         """Set a component's replica count; it sticks across deploys."""
         need_app(name)
         revs = store.revisions(name, states={RevisionState.ACTIVE, RevisionState.STARTING})
@@ -230,13 +304,14 @@ def create_api(
                 404,
                 f"app {name!r} has no component {body.component!r} (components: {', '.join(sorted(known)) or 'none'})",
             )
+        note(request, detail=f"{body.component}={body.replicas}")
         store.set_scale(name, body.component, body.replicas)
         store.add_event(name, f"scaled {body.component} to {body.replicas}")
         reconciler.poke()
         return {"app": name, "component": body.component, "replicas": body.replicas}
 
     @api.post("/v1/apps/{name}/rollback", status_code=202, dependencies=auth, tags=["apps"])
-    async def rollback(name: str, body: RollbackRequest | None = None) -> dict[str, Any]:
+    async def rollback(request: Request, name: str, body: RollbackRequest | None = None) -> dict[str, Any]:
         """Bring back an earlier revision (default: the one before the active one)."""
         need_app(name)
         revisions = store.revisions(name)
@@ -254,6 +329,7 @@ def create_api(
             target = max(candidates, key=lambda r: r.activated_at or 0)
         if target.state is RevisionState.ACTIVE:
             raise APIError(409, f"revision {target.id} is already serving")
+        note(request, detail=f"to {target.id}")
         store.restart_revision(target.id)
         reconciler.poke()
         return {"revision": target.id, "app": name, "state": RevisionState.STARTING.value}
@@ -299,6 +375,16 @@ def create_api(
             "revision_state": revision.state.value if revision else None,
             "spec": component,
         }
+
+    @api.post("/v1/replica/token", tags=["replicas"])
+    async def replica_renew(identity: ReplicaIdentity = Depends(replica_identity)) -> dict[str, Any]:  # noqa: B008
+        """A fresh token for the calling replica (replica token only).
+
+        Tokens expire after an hour; a replica renews before then. Only the
+        process running now can: the new token carries the same incarnation.
+        """
+        issued = signing.mint_replica_token(identity, identity.incarnation)
+        return {"token": issued.token, "expires_at": issued.expires_at}
 
     @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)
     async def metrics() -> Response:

@@ -7,9 +7,16 @@ the backend observes:
 * a ``STARTING`` revision whose replicas are all ready becomes ``ACTIVE`` and
   the previously active one retires (the backend drains it only after the
   gateway has switched traffic);
-* a ``STARTING`` revision that reports an error, or is not ready within its
-  startup timeout, becomes ``FAILED`` and its replicas stop — the active
-  revision was never touched, so it kept serving throughout.
+* a ``STARTING`` revision that reports an error, or is not ready — or not
+  confirmed served by the data plane (``backend.converged()`` returning
+  True) — within its startup timeout, becomes ``FAILED`` and its replicas
+  stop; the active revision was never touched, so it kept serving throughout.
+  Only a True from ``converged()`` makes a revision ``ACTIVE``: "active" means
+  "answering requests", never "we stopped waiting".
+
+A full disk (`StorageFull`) stops a pass but not the loop: it is logged once
+per episode, exposed as `Reconciler.fault` (the API shows it to a waiting
+``clearway deploy``), and cleared by the first pass that completes.
 
 Because nothing lives only in memory, a control plane killed mid-deploy resumes
 the deploy where it left off after a restart.
@@ -20,10 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import Callable
 
 from clearway.backends.base import Backend, DesiredState, TrafficTarget, Workload
+from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.store import Revision, RevisionState, Store
 
 log = logging.getLogger("clearway.control")
@@ -44,11 +54,16 @@ class Reconciler:
         *,
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
+        assign_uids: bool | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
         self.interval = interval
         self.clock = clock
+        #: Replicas run as their app's uid only when we can switch to it (root).
+        self.assign_uids = os.geteuid() == 0 if assign_uids is None else assign_uids
+        #: What keeps passes from completing (a full disk), for the API to show; None when well.
+        self.fault: str | None = None
         self._wake = asyncio.Event()
         self._passes = 0
         self._pass_done = asyncio.Condition()
@@ -59,10 +74,29 @@ class Reconciler:
 
     async def run(self) -> None:
         while True:
-            await self.reconcile_once()
+            await self.guarded_pass()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
+
+    async def guarded_pass(self) -> None:
+        """One pass; a full disk is logged once per episode and the loop goes on."""
+        try:
+            await self.reconcile_once()
+        except (StorageFull, sqlite3.Error, OSError) as exc:
+            if not isinstance(exc, StorageFull) and not is_disk_full(exc):
+                raise
+            message = exc.message if isinstance(exc, StorageFull) else StorageFull(self.store.path, what="reconciling").message
+            if self.fault is None:
+                log.error("reconciling is stuck: %s", message)
+            self.fault = message
+            async with self._pass_done:  # waiters must not hang on a stuck loop
+                self._passes += 1
+                self._pass_done.notify_all()
+            return
+        if self.fault is not None:
+            log.info("reconciling again: the disk has room")
+            self.fault = None
 
     async def wait_pass(self) -> None:
         """Wait for the next complete pass (used by the API for read-your-writes)."""
@@ -84,6 +118,7 @@ class Reconciler:
                 app_file=r.app_file,
                 env={**r.spec.env, **r.env},
                 replicas=desired_replicas(r, scales.get(r.app, {})),
+                uid=r.uid if self.assign_uids else None,
             )
             for r in running
         ]
@@ -96,11 +131,18 @@ class Reconciler:
             traffic.setdefault(r.app, []).append(TrafficTarget(revision=r.id, weight=weight))
         return DesiredState(workloads=workloads, traffic=traffic)
 
+    def _deadline(self, rev: Revision) -> tuple[float, float] | None:
+        """(startup limit, deadline) of a starting revision; None when it has no start time."""
+        if rev.started_at is None:
+            return None
+        limit = max((c.startup_timeout for c in rev.spec.components), default=60.0)
+        return limit, rev.started_at + limit + STARTUP_MARGIN
+
     async def reconcile_once(self) -> None:
         await self.backend.apply(self.desired_state())
         observed = self.backend.observe()
         changed = False
-        ready: list[str] = []
+        ready: list[Revision] = []
         for rev in self.store.revisions(states={RevisionState.STARTING}):
             obs = observed.get(rev.id)
             if obs is None:
@@ -110,32 +152,46 @@ class Reconciler:
                 self.store.fail(rev.id, obs.error)
                 changed = True
             elif obs.ready:
-                ready.append(rev.id)
-            elif rev.started_at is not None:
-                limit = max((c.startup_timeout for c in rev.spec.components), default=60.0)
-                if self.clock() - rev.started_at > limit + STARTUP_MARGIN:
-                    waiting = ", ".join(
-                        f"{name} {c.ready}/{c.desired} ready"
-                        for name, c in obs.components.items()
-                        if c.ready < c.desired
-                    )
-                    last = next((c.last_error for c in obs.components.values() if c.last_error), None)
-                    self.store.fail(
-                        rev.id,
-                        f"not ready within {limit:.0f}s ({waiting}); raise startup_timeout= "
-                        "if the app needs longer, or check `clearway logs`"
-                        + (f"\nlast error: {last}" if last else ""),
-                    )
-                    changed = True
+                ready.append(rev)
+            elif (bounds := self._deadline(rev)) is not None and self.clock() > bounds[1]:
+                waiting = ", ".join(
+                    f"{name} {c.ready}/{c.desired} ready"
+                    for name, c in obs.components.items()
+                    if c.ready < c.desired
+                )
+                last = next((c.last_error for c in obs.components.values() if c.last_error), None)
+                self.store.fail(
+                    rev.id,
+                    f"not ready within {bounds[0]:.0f}s ({waiting}); raise startup_timeout= "
+                    "if the app needs longer, or check `clearway logs`"
+                    + (f"\nlast error: {last}" if last else ""),
+                )
+                changed = True
         if ready:
             # Move the traffic first and mark the revision active only once the
-            # data plane serves it: "active" then means "answering requests".
-            # A crash in between leaves it STARTING, and the next pass redoes this.
-            log.info("revisions %s are ready; switching traffic", ", ".join(ready))
-            await self.backend.apply(self.desired_state(promoting=frozenset(ready)))
-            await self.backend.converged()
-            for rev_id in ready:
-                self.store.activate(rev_id)
+            # data plane confirms it serves it: "active" then means "answering
+            # requests". A crash in between leaves it STARTING, and the next
+            # pass redoes this.
+            ids = frozenset(r.id for r in ready)
+            log.info("revisions %s are ready; switching traffic", ", ".join(sorted(ids)))
+            await self.backend.apply(self.desired_state(promoting=ids))
+            if await self.backend.converged():
+                for rev in ready:
+                    self.store.activate(rev.id)
+            else:
+                # Not confirmed: the next apply puts traffic back on the active
+                # revision; past its deadline the new one fails, the old serves on.
+                for rev in ready:
+                    bounds = self._deadline(rev)
+                    if bounds is not None and self.clock() > bounds[1]:
+                        self.store.fail(
+                            rev.id,
+                            f"its replicas are ready, but the data plane did not confirm serving it "
+                            f"within {bounds[0]:.0f}s; the previous revision keeps serving. "
+                            "Check the gateway (`clearway status`, logs/gateway.log) and deploy again",
+                        )
+                    else:
+                        log.warning("the data plane has not confirmed serving %s yet; retrying", rev.id)
             changed = True
         if changed:
             # Apply the new lifecycle at once rather than on the next tick.

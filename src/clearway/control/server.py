@@ -11,7 +11,14 @@ owns the gateway and the replicas). Shutdown comes in two kinds, on purpose:
   facts are in the backend's records.
 
 Settings given to the first ``up`` (ports, domains) are stored, so a plain
-``clearway up`` after a crash comes back exactly as it was.
+``clearway up`` after a crash comes back exactly as it was. The gateway's
+address is also kept outside ``state.db`` (the running gateway's
+``gateway.json``, else ``platform.json`` of the last ``up``), so the gateway
+keeps its port whatever happened to the database.
+
+Before anything starts, the store checks the state's integrity (see
+``control.store``): damaged state or lost commits stop ``up`` with the
+recovery command, never a silent start from an empty database.
 """
 
 from __future__ import annotations
@@ -25,18 +32,19 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
 from clearway.backends.local import LocalBackend, LocalConfig
 from clearway.control.api import create_api
-from clearway.control.credentials import ReplicaIdentity, mint_replica_token
+from clearway.control.credentials import SigningKey
 from clearway.control.home import Home
 from clearway.control.reconciler import Reconciler
-from clearway.control.revisions import RevisionBuilder
-from clearway.control.store import Store
+from clearway.control.revisions import Ownership, RevisionBuilder
+from clearway.control.store import DEFAULT_UID_BASE, Store
+from clearway.control.uploads import UploadLimits
 from clearway.exceptions import RuntimeStartError
 from clearway.tasks import TaskSupervisor
 
@@ -51,11 +59,27 @@ class Settings:
     host: str | None = None
     api_port: int | None = None
     domains: tuple[str, ...] | None = None
+    #: First uid handed to an app (the spec-reading child runs as the one below).
+    uid_base: int = DEFAULT_UID_BASE
+    upload_limits: UploadLimits = field(default_factory=UploadLimits)
 
 
-def _resolve(store: Store, settings: Settings) -> tuple[str, int, int, tuple[str, ...]]:
-    host = settings.host or store.get_meta("gateway_host") or "127.0.0.1"
-    port = settings.port if settings.port is not None else int(store.get_meta("gateway_port") or 8080)
+#: Gateway port when nothing says otherwise.
+DEFAULT_PORT = 8080
+
+
+def _resolve(store: Store, home: Home, settings: Settings) -> tuple[str, int, int, tuple[str, ...]]:
+    """Flags win; then the store; then the running or last gateway (files outside
+    the store, so a recovered or lost database cannot move the gateway); then defaults."""
+    last = home.last_gateway()
+    host = settings.host or store.get_meta("gateway_host") or (last[0] if last else None) or "127.0.0.1"
+    stored_port = store.get_meta("gateway_port")
+    if settings.port is not None:
+        port = settings.port
+    elif stored_port:
+        port = int(stored_port)
+    else:
+        port = last[1] if last else DEFAULT_PORT
     stored_domains = store.get_meta("domains")
     domains = settings.domains or (tuple(stored_domains.split(",")) if stored_domains else ("localhost",))
     api_port = settings.api_port if settings.api_port is not None else int(store.get_meta("api_port") or 0)
@@ -117,8 +141,9 @@ class ControlPlane:
     async def _run(self) -> None:
         token = self.home.token(create=True)
         assert token is not None
-        store = Store(self.home.db_path)
-        host, port, api_port, domains = _resolve(store, self.settings)
+        signing = SigningKey.load_or_create(self.home.keys)
+        store = Store(self.home.db_path, uid_base=self.settings.uid_base, witness=self.home.witness_path)
+        host, port, api_port, domains = _resolve(store, self.home, self.settings)
         api_sock = _bind("127.0.0.1", api_port, "API", "--api-port")
         if api_port == 0 and api_sock.getsockname()[1] == port:
             # The kernel may hand out the gateway's port, free until the gateway
@@ -135,9 +160,7 @@ class ControlPlane:
             ("domains", ",".join(domains)),
         ):
             store.set_meta(key, value)
-
-        def replica_token(app: str, revision: str, component: str, replica: str) -> str:
-            return mint_replica_token(token, ReplicaIdentity(app, revision, component, replica))
+        self.home.write_platform_settings({"host": host, "port": port, "domains": list(domains)})
 
         backend = LocalBackend(
             LocalConfig(
@@ -146,7 +169,8 @@ class ControlPlane:
                 gateway_port=port,
                 domains=domains,
                 control_url=api_url,
-                replica_token=replica_token,
+                replica_token=signing.replica_token_minter(),
+                identity_key=self.home.keys / "signing.pub.pem",
             )
         )
         tasks = TaskSupervisor(log)
@@ -159,13 +183,19 @@ class ControlPlane:
             raise
         reconciler = Reconciler(store, backend)
         backend.subscribe(reconciler.poke)
-        builder = RevisionBuilder(store, self.home.root)
+        builder = RevisionBuilder(
+            store,
+            self.home.root,
+            ownership=Ownership.detect(self.settings.uid_base),
+            limits=self.settings.upload_limits,
+        )
         api = create_api(
             store=store,
             backend=backend,
             reconciler=reconciler,
             builder=builder,
             token=token,
+            signing=signing,
             on_shutdown=self.request_shutdown,
         )
         server = _EmbeddedServer(

@@ -6,24 +6,49 @@ transaction per change, so a ``kill -9`` of the control plane at any instant
 leaves a consistent database. WAL mode lets readers (the API) run while the
 reconciler writes; ``synchronous=NORMAL`` is durable against process crashes
 (only an OS crash can lose the last transaction), which is the failure we own.
+
+Two faults get a clear state rather than a silent one:
+
+* every transaction bumps a commit counter (``meta.commits``) and, once
+  committed, writes it to a witness file next to the database. SQLite drops
+  every commit after a corrupted WAL frame *without an error*; at open, a
+  counter behind the witness reveals it, and the store refuses to open
+  (``control.integrity`` has the recovery). ``PRAGMA quick_check`` catches the
+  rest of the damage SQLite can see.
+* ``database or disk is full`` becomes `StorageFull`, naming the filesystem.
+
+Each app gets a uid (= gid) of its own, allocated here on its first deploy from
+a counter that never goes back, so an uid is never handed to a second app, and
+kept when the app is destroyed (a re-created app with the same name owns its
+old files again). The audit log of state-changing API calls lives here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clearway.control.faults import StateIntegrityError, StorageFull, is_disk_full
 from clearway.spec.model import AppSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: First uid (= gid) handed to an app; the spec-reading child runs as the one below.
+DEFAULT_UID_BASE = 400_000
+
+#: How to get past a refused state database (printed in every integrity error).
+RECOVER_COMMAND = "clearway state recover"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,7 +79,28 @@ CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS app_uids (
+    name TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    principal TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    app TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_app ON audit(app, id);
 """
+
+#: Joined into every revision query so a revision carries its app's uid.
+_REVISION_SELECT = (
+    "SELECT revisions.*, app_uids.uid AS uid FROM revisions "
+    "LEFT JOIN app_uids ON app_uids.name = revisions.app"
+)
 
 
 class RevisionState(enum.StrEnum):
@@ -84,6 +130,8 @@ class Revision:
     created_at: float
     started_at: float | None
     activated_at: float | None
+    #: The app's uid (= gid); None only for revisions stored before uids existed.
+    uid: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +143,7 @@ class Revision:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "activated_at": self.activated_at,
+            "uid": self.uid,
             "spec": self.spec.model_dump(mode="json"),
         }
 
@@ -104,37 +153,211 @@ class AppRecord:
     name: str
     created_at: float
     scale: dict[str, int] = field(default_factory=dict)
+    uid: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One state-changing API call, allowed or refused. Never holds tokens or env values."""
+
+    at: float
+    principal: str
+    method: str
+    path: str
+    status: int
+    app: str | None
+    detail: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "principal": self.principal,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "app": self.app,
+            "detail": self.detail,
+        }
+
+
+def witness_path_for(db_path: Path) -> Path:
+    """``state.db`` -> ``state.witness``."""
+    return db_path.with_suffix(".witness")
+
+
+def read_witness(path: Path) -> int | None:
+    """The commit count the witness file vouches for; None when there is none."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        return int(text or "0")
+    except ValueError:
+        raise StateIntegrityError(
+            f"{path} is not a commit count ({text[:40]!r}); if state.db is fine, delete {path}, "
+            f"otherwise run `{RECOVER_COMMAND}`"
+        ) from None
+
+
+def write_witness(path: Path, commits: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        _put_witness(fd, commits)
+    finally:
+        os.close(fd)
+
+
+def _put_witness(fd: int, commits: int) -> None:
+    # Fixed width, in place: one small write that needs no new block, so it
+    # still works on a full disk, and is never seen half-written.
+    os.pwrite(fd, f"{commits:020d}\n".encode(), 0)
+
+
+def secure_db_files(path: Path) -> None:
+    """state.db and its -wal/-shm are the platform's alone (0600)."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (path.parent / name).chmod(0o600)
 
 
 class Store:
-    """All durable state. Thread-safe: one connection guarded by a lock."""
+    """All durable state. Thread-safe: one connection guarded by a lock.
 
-    def __init__(self, path: Path) -> None:
+    Opening refuses (`StateIntegrityError`) a database that fails
+    ``PRAGMA quick_check``, that is missing while the witness says commits were
+    made, or whose commit counter is behind the witness: it lost committed
+    transactions, and starting from it would silently forget apps.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        uid_base: int = DEFAULT_UID_BASE,
+        witness: Path | None = None,
+    ) -> None:
         self.path = path
+        self.uid_base = uid_base
+        self.witness = witness or witness_path_for(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self.set_meta("schema_version", str(SCHEMA_VERSION))
+        vouched = read_witness(self.witness)
+        if not path.exists() and vouched:
+            raise StateIntegrityError(
+                f"{path} is missing, but {self.witness} records {vouched} committed changes: "
+                f"restore it from a backup, or run `{RECOVER_COMMAND}` to start over with what is left"
+            )
+        if path.exists():
+            commits = self._verify(vouched)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            commits = 0
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc):
+                raise StorageFull(path, what="opening the state database") from exc
+            raise
+        secure_db_files(path)
+        self._witness_fd = os.open(self.witness, os.O_WRONLY | os.O_CREAT, 0o600)
+        if vouched is None or commits > vouched:
+            _put_witness(self._witness_fd, commits)
+        if self.get_meta("schema_version") != str(SCHEMA_VERSION):
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    def _verify(self, vouched: int | None) -> int:
+        """Check an existing database before anything writes to it; its commit count.
+
+        Read-only on purpose: a read-write connection would checkpoint on
+        close and overwrite the evidence (the damaged WAL) that recovery and
+        a human may need.
+        """
+        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True)
+        except sqlite3.DatabaseError as exc:
+            raise StateIntegrityError(
+                f"{self.path} cannot be opened ({exc}); run `{RECOVER_COMMAND}` to move it aside "
+                "and salvage what it holds"
+            ) from None
+        try:
+            problems = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise StateIntegrityError(
+                    f"{self.path} fails SQLite's integrity check ({'; '.join(problems[:3])}); "
+                    f"run `{RECOVER_COMMAND}` to move it aside and salvage what it holds"
+                )
+            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key='commits'").fetchone() if has_meta else None
+        except sqlite3.DatabaseError as exc:
+            raise StateIntegrityError(
+                f"{self.path} cannot be read ({exc}); run `{RECOVER_COMMAND}` to move it aside "
+                "and salvage what it holds"
+            ) from None
+        finally:
+            db.close()
+        commits = int(row[0]) if row else 0
+        if vouched is not None and commits < vouched:
+            raise StateIntegrityError(
+                f"{self.path} lost committed changes: it holds {commits} commits, but {self.witness} "
+                f"records {vouched} (a damaged write-ahead log makes SQLite drop every commit after "
+                "the damage). Starting from it would silently forget apps or revisions. Run "
+                f"`{RECOVER_COMMAND}` to move the damaged database aside and salvage what it holds, "
+                "then `clearway up` again"
+            )
+        return commits
+
+    def _migrate(self) -> None:
+        """Bring a database from an older clearway up to this schema (idempotent)."""
+        self._db.execute("INSERT INTO meta(key, value) VALUES('commits', '0') ON CONFLICT(key) DO NOTHING")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            with contextlib.suppress(OSError, AttributeError):
+                os.close(self._witness_fd)
+
+    def commits(self) -> int:
+        """How many transactions this database has committed (the witness's counterpart)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='commits'").fetchone()
+        return 0 if row is None else int(row[0])
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; bumps the commit counter and, once committed, the witness."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='commits'")
+                    commits = int(self._db.execute("SELECT value FROM meta WHERE key='commits'").fetchone()[0])
+                except BaseException:
+                    # After SQLITE_FULL SQLite may have rolled back already.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    raise StorageFull(self.path, what="saving the platform's state") from exc
                 raise
-            self._db.execute("COMMIT")
+            # A failed witness write only weakens the lost-commit check until the next commit.
+            with contextlib.suppress(OSError):
+                _put_witness(self._witness_fd, commits)
 
     # -- meta ---------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -161,9 +384,80 @@ class Store:
             row = self._db.execute("SELECT * FROM apps WHERE name=?", (name,)).fetchone()
         return None if row is None else self._app(row)
 
-    @staticmethod
-    def _app(row: sqlite3.Row) -> AppRecord:
-        return AppRecord(name=row["name"], created_at=row["created_at"], scale=json.loads(row["scale"]))
+    def _app(self, row: sqlite3.Row) -> AppRecord:
+        return AppRecord(
+            name=row["name"],
+            created_at=row["created_at"],
+            scale=json.loads(row["scale"]),
+            uid=self.app_uid(row["name"]),
+        )
+
+    # -- uids -------------------------------------------------------------------
+    def app_uid(self, app: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT uid FROM app_uids WHERE name=?", (app,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def allocate_uid(self, app: str) -> int:
+        """The app's uid (= gid), allocated on first use and kept forever after."""
+        existing = self.app_uid(app)
+        if existing is not None:
+            return existing
+        with self.transaction() as db:
+            row = db.execute("SELECT uid FROM app_uids WHERE name=?", (app,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            counter = db.execute("SELECT value FROM meta WHERE key='next_uid'").fetchone()
+            uid = max(int(counter[0]) if counter else self.uid_base, self.uid_base)
+            db.execute("INSERT INTO app_uids(name, uid) VALUES(?, ?)", (app, uid))
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES('next_uid', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(uid + 1),),
+            )
+        return uid
+
+    # -- audit --------------------------------------------------------------------
+    def add_audit(
+        self,
+        *,
+        principal: str,
+        method: str,
+        path: str,
+        status: int,
+        app: str | None,
+        detail: str | None,
+        at: float | None = None,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO audit(at, principal, method, path, status, app, detail) VALUES(?,?,?,?,?,?,?)",
+                (time.time() if at is None else at, principal, method, path, status, app, detail),
+            )
+
+    def audit(self, *, limit: int = 100, app: str | None = None) -> list[AuditEntry]:
+        """The newest ``limit`` entries (optionally of one app), oldest first."""
+        query = "SELECT * FROM audit"
+        args: list[Any] = []
+        if app is not None:
+            query += " WHERE app=?"
+            args.append(app)
+        query += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [
+            AuditEntry(
+                at=r["at"],
+                principal=r["principal"],
+                method=r["method"],
+                path=r["path"],
+                status=r["status"],
+                app=r["app"],
+                detail=r["detail"],
+            )
+            for r in reversed(rows)
+        ]
 
     def set_scale(self, app: str, component: str, replicas: int) -> None:
         with self.transaction() as db:
@@ -182,7 +476,8 @@ class Store:
     def create_revision(
         self, spec: AppSpec, *, code_dir: Path, app_file: str, env: dict[str, str]
     ) -> Revision:
-        """Record a new revision in ``STARTING`` (creating the app on first deploy)."""
+        """Record a new revision in ``STARTING`` (creating the app and its uid on first deploy)."""
+        self.allocate_uid(spec.name)
         now = time.time()
         with self.transaction() as db:
             db.execute(
@@ -217,15 +512,15 @@ class Store:
 
     def revision(self, rev_id: str) -> Revision | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM revisions WHERE id=?", (rev_id,)).fetchone()
+            row = self._db.execute(f"{_REVISION_SELECT} WHERE revisions.id=?", (rev_id,)).fetchone()
         return None if row is None else self._revision(row)
 
     def revisions(self, app: str | None = None, *, states: set[RevisionState] | None = None) -> list[Revision]:
-        query, args = "SELECT * FROM revisions", []
+        query, args = _REVISION_SELECT, []
         if app is not None:
-            query += " WHERE app=?"
+            query += " WHERE revisions.app=?"
             args.append(app)
-        query += " ORDER BY app, number"
+        query += " ORDER BY revisions.app, revisions.number"
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         revs = [self._revision(r) for r in rows]
@@ -246,6 +541,7 @@ class Store:
             created_at=row["created_at"],
             started_at=row["started_at"],
             activated_at=row["activated_at"],
+            uid=row["uid"],
         )
 
     def restart_revision(self, rev_id: str) -> None:

@@ -8,7 +8,8 @@ and its route generation on an admin Unix socket.
 Run it as a process, as the control plane does::
 
     python -m clearway.gateway --listen 127.0.0.1:8080 --routes routes.json \\
-        --admin-socket gateway.sock [--access-log access.log] [--hold-timeout 30]
+        --admin-socket gateway.sock [--access-log access.log] [--hold-timeout 30] \\
+        [--identity-key keys/signing.pub.pem]
 
 or in-process (tests, the platform)::
 
@@ -17,20 +18,24 @@ or in-process (tests, the platform)::
         gateway.reload(load_routes("routes.json"))
 
 Module map: ``_routes`` (the routes file), ``_router`` (matching and balancing),
-``_proxy`` (client connections: the hot path), ``_upstream`` (replica
-connections and pools), ``_holding``, ``_metrics``, ``_access_log``,
+``_proxy`` (client connections: the hot path), ``_identity`` (who is
+calling and may they: replica tokens, internal-route policy, pin tokens),
+``_upstream`` (replica connections and pools), ``_holding``, ``_metrics``, ``_access_log``,
 ``_admin``, ``_error_pages``, ``_settings``, ``_gateway``
 (lifecycle) and ``_cli``.  Only the names below are public.
 """
 
 from ._gateway import Gateway, GatewayState, ListenError
-from ._routes import Route, RoutesError, RouteTable, Target, load_routes
+from ._identity import IdentityKeyError
+from ._routes import AllowRule, Route, RoutesError, RouteTable, Target, load_routes
 from ._settings import GatewaySettings
 
 __all__ = [
+    "AllowRule",
     "Gateway",
     "GatewaySettings",
     "GatewayState",
+    "IdentityKeyError",
     "ListenError",
     "Route",
     "RouteTable",

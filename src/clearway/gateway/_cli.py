@@ -4,7 +4,10 @@ The contract with the control plane, kept exactly:
 
 * exit code 3 and one line on stderr when the listen address is taken;
 * ``READY`` on stdout once the listener and the admin socket are up;
-* SIGHUP re-reads the routes file (a bad file is logged and the old table kept);
+* SIGHUP re-reads the routes file and the ``--identity-key`` file (a bad file
+  is logged and the old table and key kept);
+* exit code 2 and one line on stderr when the routes file or the identity key
+  cannot be used at start-up;
 * SIGTERM/SIGINT drain in-flight requests (up to ~10 s) and exit 0.
 """
 
@@ -20,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from ._gateway import Gateway, ListenError
+from ._identity import IdentityKeyError
 from ._routes import RoutesError, load_routes
 from ._settings import GatewaySettings
 
@@ -28,6 +32,7 @@ __all__ = ["main"]
 logger = logging.getLogger("clearway.gateway")
 
 EXIT_LISTEN_FAILED = 3
+#: The routes file or the identity key is unusable at start-up.
 EXIT_BAD_ROUTES = 2
 
 
@@ -38,6 +43,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-socket", required=True, help="Unix socket for /metrics, /routes, /held, /healthz")
     parser.add_argument("--access-log", default=None, help="file to append one line per request to")
     parser.add_argument("--hold-timeout", type=float, default=30.0, help="seconds a request waits for a replica")
+    parser.add_argument(
+        "--identity-key",
+        default=None,
+        help="PEM Ed25519 public key verifying replica identities and pin tokens "
+        "(without it internal routes answer 401 and pins 403)",
+    )
     parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
     return parser.parse_args(argv)
 
@@ -55,14 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clearway gateway: {exc}", file=sys.stderr)
         return EXIT_BAD_ROUTES
     settings = GatewaySettings(hold_timeout=args.hold_timeout, shutdown_grace=args.shutdown_grace)
-    gateway = Gateway(
-        table,
-        host=host.strip("[]") or "127.0.0.1",
-        port=int(port),
-        admin_socket=args.admin_socket,
-        access_log=args.access_log,
-        settings=settings,
-    )
+    try:
+        gateway = Gateway(
+            table,
+            host=host.strip("[]") or "127.0.0.1",
+            port=int(port),
+            admin_socket=args.admin_socket,
+            access_log=args.access_log,
+            settings=settings,
+            identity_key=args.identity_key,
+        )
+    except IdentityKeyError as exc:
+        print(f"clearway gateway: {exc}", file=sys.stderr)
+        return EXIT_BAD_ROUTES
     return _run(_serve(gateway, args.routes, args.listen))
 
 
@@ -97,7 +113,10 @@ async def _serve(gateway: Gateway, routes_path: str, listen: str) -> int:
         except RoutesError as exc:
             logger.error("%s; keeping the routes of generation %d", exc, gateway.generation)
             return
-        gateway.reload(table)
+        try:
+            gateway.reload(table, reread_identity_key=True)
+        except IdentityKeyError as exc:
+            logger.error("%s; keeping the routes of generation %d and the old key", exc, gateway.generation)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

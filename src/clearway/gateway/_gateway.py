@@ -6,6 +6,12 @@ router, endpoint pools, metrics, access log, admin socket, supervised tasks -
 and owns their lifecycle, so that every part can stay ignorant of the others'
 startup and shutdown order.
 
+Access control needs the platform's public signing key (``identity_key``, a
+PEM file): without it internal routes answer 401 to everyone and pin headers
+get 403, since nothing can be verified.  A reload hands the new table's
+``identities`` to the verifier in the same step as the new routes, so a
+replica removed from the table loses access with the reload that removes it.
+
 Shutdown is graceful by design: stop accepting, close idle keep-alive
 connections, let in-flight requests finish (held requests get a 503 at once),
 then cut whatever is left when the grace period ends.
@@ -26,6 +32,7 @@ from clearway.tasks import TaskSupervisor
 
 from ._access_log import AccessLog
 from ._admin import AdminServer
+from ._identity import IdentityVerifier, load_public_key
 from ._metrics import Metrics
 from ._proxy import ClientConnection, ProxyContext
 from ._router import EndpointRegistry, Router
@@ -81,6 +88,7 @@ class Gateway:
         access_log: str | Path | None = None,
         settings: GatewaySettings | None = None,
         rng: random.Random | None = None,
+        identity_key: str | Path | None = None,
     ) -> None:
         self._table = routes if routes is not None else RouteTable()
         self._host = host
@@ -89,6 +97,12 @@ class Gateway:
         self._access_log_path = access_log
         self.settings = settings if settings is not None else GatewaySettings()
         self._rng = rng if rng is not None else random.Random()
+        self._identity_key = identity_key
+        # Read now, so that a bad key fails the constructor (IdentityKeyError), not a request.
+        self._verifier = IdentityVerifier(
+            load_public_key(identity_key) if identity_key is not None else None,
+            identities=self._table.identities,
+        )
         self.state = GatewayState.CREATED
         self._metrics = Metrics()
         self._supervisor = TaskSupervisor(logging.getLogger("clearway.gateway"))
@@ -118,6 +132,7 @@ class Gateway:
             metrics=self._metrics,
             supervisor=self._supervisor,
             access_log=self._access_log,
+            verifier=self._verifier,
         )
         address = f"{self._host}:{self._requested_port}"
         try:
@@ -200,9 +215,17 @@ class Gateway:
 
     # -- routes ---------------------------------------------------------------------
 
-    def reload(self, table: RouteTable) -> None:
-        """Swap in a new route table; idle connections to dropped replicas are closed."""
+    def reload(self, table: RouteTable, *, reread_identity_key: bool = False) -> None:
+        """Swap in a new route table; idle connections to dropped replicas are closed.
+
+        With ``reread_identity_key`` the key file is read again too (key
+        rotation); if it cannot be read, :class:`IdentityKeyError` is raised
+        and nothing changes.
+        """
+        if reread_identity_key and self._identity_key is not None:
+            self._verifier.set_key(load_public_key(self._identity_key))
         self._table = table
+        self._verifier.set_identities(table.identities)
         if self._ctx is None or self._endpoints is None:
             return  # not started: the table is used by start()
         router = Router(table, self._endpoints, self._metrics, self._rng)

@@ -8,6 +8,11 @@ router hands each request a direct reference, so recording is a few attribute
 increments - and :class:`GatewayCollector` turns them into metric families only
 when ``/metrics`` is scraped.  prometheus-client still owns the exposition
 format.
+
+Requests refused by access control (401/403) are counted twice: in their
+revision's status classes like every answer, and in
+``clearway_gateway_denied_total{app,revision,reason}``, so that an operator
+sees *why* a service is being refused and to whom (the target's revision).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], RevisionStats] = {}
+        #: Refused requests by (app, revision, reason) of the target.
+        self.denied: dict[tuple[str, str, str], int] = {}
         #: Requests that matched no route (404) or were malformed (400, 413).
         self.unrouted = self.stats("", "")
 
@@ -72,6 +79,11 @@ class Metrics:
         if found is None:
             found = self._stats[key] = RevisionStats(app, revision)
         return found
+
+    def deny(self, app: str, revision: str, reason: str) -> None:
+        """Count one request refused by access control."""
+        key = (app, revision, reason)
+        self.denied[key] = self.denied.get(key, 0) + 1
 
     def all(self) -> list[RevisionStats]:
         return list(self._stats.values())
@@ -118,6 +130,13 @@ class GatewayCollector(Collector):
             "Requests waiting for the revision to get a ready replica.",
             labels=["app", "revision"],
         )
+        denied = CounterMetricFamily(
+            "clearway_gateway_denied",
+            "Requests refused by access control (401/403), by target revision and reason.",
+            labels=["app", "revision", "reason"],
+        )
+        for (app, revision, reason), count in self._metrics.denied.items():
+            denied.add_metric([app, revision, reason], count)
         for stats in self._metrics.all():
             labels = [stats.app, stats.revision]
             for name, count in zip(_CLASSES, stats.by_class, strict=True):
@@ -137,3 +156,4 @@ class GatewayCollector(Collector):
         yield duration
         yield in_flight
         yield held
+        yield denied

@@ -25,6 +25,14 @@ HTTP decisions worth knowing:
   re-chunked; a close-delimited response goes to HTTP/1.1 clients chunked.
 * Hop-by-hop headers (and those named in ``Connection``) are dropped both
   ways; ``X-Forwarded-*``, ``Forwarded`` and ``X-Request-ID`` are added.
+* Trust headers never reach an app: ``x-clearway-identity``,
+  ``x-clearway-pin-token`` and the pin header are stripped, and
+  ``x-clearway-caller`` is set by the gateway on internal routes (the verified
+  caller) and removed on public ones.  Who may call what is decided in
+  ``_identity.py``; this module only feeds it header values.
+* A request with two ``Host`` headers (or two of the trust headers) gets a
+  400: a proxy that routes by one while the app reads the other can be made
+  to send a request where its checks did not look.
 * Retries: only when nothing can have reached the app - the connect failed,
   or a *reused* pooled connection closed before any response byte and the
   request is idempotent and bodiless.
@@ -47,6 +55,15 @@ from clearway.tasks import TaskSupervisor
 from ._access_log import AccessLog
 from ._error_pages import error_response, printable
 from ._holding import TableChanges
+from ._identity import (
+    CALLER_HEADER,
+    IDENTITY_HEADER,
+    PIN_TOKEN_HEADER,
+    Denial,
+    IdentityVerifier,
+    check_caller,
+    check_pin,
+)
 from ._metrics import Metrics, RevisionStats
 from ._router import BoundRoute, BoundTarget, Router
 from ._settings import GatewaySettings
@@ -111,8 +128,12 @@ _REQUEST_SPECIAL = frozenset(
         b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
         b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect", b"x-request-id",
         b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+        IDENTITY_HEADER, PIN_TOKEN_HEADER, CALLER_HEADER, b"x-clearway-revision",
     }
 )
+#: The default pin header; a route may name another (then it is removed separately).
+_DEFAULT_PIN = b"x-clearway-revision"
+_WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="clearway"\r\n'
 _RESPONSE_SPECIAL = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -144,6 +165,7 @@ class ProxyContext:
         metrics: Metrics,
         supervisor: TaskSupervisor,
         access_log: AccessLog | None,
+        verifier: IdentityVerifier | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -151,6 +173,7 @@ class ProxyContext:
         self.metrics = metrics
         self.supervisor = supervisor
         self.access_log = access_log
+        self.verifier = verifier if verifier is not None else IdentityVerifier(None, identities=router.table.identities)
         self.changes = TableChanges()
         self.connections: set[ClientConnection] = set()
         #: Set by a graceful shutdown: finish in-flight requests, keep no connection alive.
@@ -203,8 +226,8 @@ class ClientConnection(asyncio.Protocol):
         "_headers",
         "_host",
         "_hostkey",
+        "_identity",
         "_keep_alive",
-        "_local",
         "_loop",
         "_method",
         "_out",
@@ -251,7 +274,6 @@ class ClientConnection(asyncio.Protocol):
         self._deferred: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
         self._out: list[bytes] = []
         self._peer = "-"
-        self._local = False
         self._peer_bytes = b"-"
         self._fwd_for = b"for=unknown"
         self._parser_upgraded = False
@@ -271,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
         self._keep_alive = True
         self._host = b""
         self._hostkey = b""
+        self._identity: bytes | None = None
         self._path = b""
         self._route: BoundRoute | None = None
         self._target: BoundTarget | None = None
@@ -305,7 +328,6 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             ip = str(peer[0])
             self._peer = ip
-            self._local = ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
             self._peer_bytes = ip.encode("ascii")
             self._fwd_for = (b'for="[%s]"' if ":" in ip else b"for=%s") % ip.encode("ascii")
         self._deadline = self._loop.time() + self._settings.header_timeout
@@ -496,6 +518,10 @@ class ClientConnection(asyncio.Protocol):
         chunked = False
         length = b""
         upgrade: bytes | None = None
+        identity: bytes | None = None
+        pin_token: bytes | None = None
+        pin: bytes | None = None
+        duplicate: bytes | None = None
         kept: list[bytes] = []
         add = kept.extend
         special = _REQUEST_SPECIAL
@@ -504,6 +530,8 @@ class ClientConnection(asyncio.Protocol):
             if lname not in special:
                 add((name, b": ", value, b"\r\n"))
             elif lname == b"host":
+                if host is not None:
+                    duplicate = name
                 host = value
                 add((name, b": ", value, b"\r\n"))
             elif lname == b"content-length":
@@ -523,7 +551,27 @@ class ClientConnection(asyncio.Protocol):
                 xff = value if xff is None else xff + b", " + value
             elif lname == b"forwarded":
                 forwarded = value if forwarded is None else forwarded + b", " + value
-            # keep-alive, proxy-connection, te, trailer, x-forwarded-proto/-host: dropped
+            elif lname == IDENTITY_HEADER:
+                if identity is not None:
+                    duplicate = name
+                identity = value
+            elif lname == PIN_TOKEN_HEADER:
+                if pin_token is not None:
+                    duplicate = name
+                pin_token = value
+            elif lname == _DEFAULT_PIN:
+                if pin is not None:
+                    duplicate = name
+                pin = value
+            # keep-alive, proxy-connection, te, trailer, x-forwarded-proto/-host,
+            # x-clearway-caller: dropped
+
+        if duplicate is not None:
+            self._malformed(
+                None,
+                f"The request has more than one {printable(duplicate)} header. Send exactly one.",
+            )
+            return
 
         if connection is not None and connection.lower() not in _CONNECTION_PLAIN:
             kept = _drop_connection_listed(kept, connection)
@@ -557,8 +605,6 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True  # the head is the whole request
 
         route = self._ctx.router.match(hostkey, path)
-        if route is not None and route.internal and not self._local:
-            route = None  # private services answer only to this machine
         if route is None:
             self._stats = self._ctx.metrics.unrouted
             self._stats.in_flight += 1
@@ -569,6 +615,33 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         self._route = route
+
+        if route.pin_header != _DEFAULT_PIN:
+            # A route with its own pin header (rare): find it, and keep it from the app.
+            pin = None
+            for name, value in self._headers:
+                if name.lower() == route.pin_header:
+                    if pin is not None:
+                        self._malformed(None, f"The request has more than one {printable(name)} header. Send exactly one.")
+                        return
+                    pin = value
+            if pin is not None:
+                kept = _drop_named(kept, route.pin_header)
+        pinned: str | None = None
+        if pin is not None:
+            pinned = pin.decode("latin-1").strip()
+            denial = check_pin(self._ctx.verifier, pin_token, route.app, pinned)
+            if denial is not None:
+                self._deny(route, route.target_named(pinned), denial)
+                return
+        target = route.pick_target(pinned)
+        if route.internal:
+            caller = check_caller(self._ctx.verifier, identity, route.allow, route.description)
+            if isinstance(caller, Denial):
+                self._deny(route, target, caller)
+                return
+            self._identity = identity
+            kept += (CALLER_HEADER, b": ", caller.header, b"\r\n")
 
         ip = self._fwd_for
         parts = [
@@ -591,14 +664,6 @@ class ClientConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         self._head = b"".join(parts)
 
-        pinned: bytes | None = None
-        if len(route.targets) > 1:
-            pin_name = route.pin_header
-            for name, value in self._headers:
-                if name.lower() == pin_name:
-                    pinned = value
-                    break
-        target = route.pick_target(pinned)
         if target is None:
             self._stats = self._ctx.metrics.stats(route.app, "")
             self._stats.in_flight += 1
@@ -688,8 +753,6 @@ class ClientConnection(asyncio.Protocol):
                     )
                     return
                 new_route = ctx.router.match(self._hostkey, self._path)
-                if new_route is not None and new_route.internal and not self._local:
-                    new_route = None
                 if new_route is None:
                     self._task = None
                     self._respond_error(
@@ -698,6 +761,21 @@ class ClientConnection(asyncio.Protocol):
                         "any more; `clearway status` lists the apps and their URLs.",
                     )
                     return
+                if new_route.internal != route.internal:
+                    self._task = None
+                    self._respond_error(
+                        503,
+                        f"The route at host {printable(self._host)} path {printable(self._path)} changed "
+                        "while the request waited. Retry it.",
+                    )
+                    return
+                if new_route.internal:
+                    # Policy and identities may have changed while we held the request.
+                    caller = check_caller(ctx.verifier, self._identity, new_route.allow, new_route.description)
+                    if isinstance(caller, Denial):
+                        self._task = None
+                        self._deny(new_route, new_route.target_named(target.revision), caller)
+                        return
                 new_target = new_route.target_named(target.revision)
                 if new_target is None or (not new_target.endpoints and new_target.weight == 0):
                     new_target = new_route.pick_target(None) or new_target
@@ -949,7 +1027,17 @@ class ClientConnection(asyncio.Protocol):
             self._keep_alive = False
         self._finish(self._resp_status)
 
-    def _respond_error(self, status: int, message: str) -> None:
+    def _deny(self, route: BoundRoute, target: BoundTarget | None, denial: Denial) -> None:
+        """Refuse a request for access-control reasons, counted against its target revision."""
+        revision = target.revision if target is not None else ""
+        if self._stats is not None:
+            self._stats.in_flight -= 1
+        stats = self._stats = target.stats if target is not None else self._ctx.metrics.stats(route.app, "")
+        stats.in_flight += 1
+        self._ctx.metrics.deny(route.app, revision, denial.reason)
+        self._respond_error(denial.status, denial.message, _WWW_AUTHENTICATE if denial.status == 401 else b"")
+
+    def _respond_error(self, status: int, message: str, extra_headers: bytes = b"") -> None:
         """Answer with the gateway's own error page (no response started yet)."""
         if self._transport is None or self._state is _CLOSED:
             return
@@ -974,6 +1062,7 @@ class ClientConnection(asyncio.Protocol):
                 request_id=self._request_id,
                 keep_alive=self._keep_alive,
                 head_only=self._method == b"HEAD",
+                extra_headers=extra_headers,
             )
         )
         self._finish(status)
@@ -1139,6 +1228,15 @@ class ClientConnection(asyncio.Protocol):
         """Cut the connection (shutdown grace period over)."""
         if self._transport is not None:
             self._transport.abort()
+
+
+def _drop_named(kept: list[bytes], lname: bytes) -> list[bytes]:
+    """Remove every header called ``lname`` from a flat name/": "/value/CRLF list."""
+    result: list[bytes] = []
+    for i in range(0, len(kept), 4):
+        if kept[i].lower() != lname:
+            result += kept[i : i + 4]
+    return result
 
 
 def _drop_connection_listed(kept: list[bytes], connection: bytes) -> list[bytes]:

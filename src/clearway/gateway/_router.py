@@ -15,7 +15,8 @@ Balancing choices and why:
 
 * Revisions: weighted random over targets with weight > 0, unless the route's
   pin header names a revision (then that one, even at weight 0 - this is how
-  a new revision is smoke-tested before it gets traffic).
+  a new revision is smoke-tested before it gets traffic; the proxy honours a
+  pin only with a pin token, see ``_identity.py``).
 * Replicas: least outstanding requests between two randomly chosen ones
   ("power of two choices"): nearly as good as global least-loaded and O(1).
 """
@@ -55,7 +56,9 @@ class BoundRoute:
         "_rng",
         "_total",
         "_weighted",
+        "allow",
         "app",
+        "description",
         "internal",
         "pin_header",
         "prefix",
@@ -69,6 +72,9 @@ class BoundRoute:
         self.route = route
         self.app = route.app
         self.internal = route.internal
+        self.allow = route.allow
+        #: How error messages name this route.
+        self.description = f"app {route.app!r} at {route.host}{route.prefix if route.prefix != '/' else ''}"
         self.prefix = route.prefix.encode("latin-1")
         self.strip_prefix = route.strip_prefix and route.prefix != "/"
         self.timeout = route.timeout
@@ -92,12 +98,11 @@ class BoundRoute:
         rest = path[len(self.prefix):]
         return rest if rest.startswith(b"/") else b"/" + rest
 
-    def pick_target(self, pinned: bytes | None) -> BoundTarget | None:
+    def pick_target(self, pinned: str | None) -> BoundTarget | None:
         """The revision for one request; None if the route has no weighted target."""
         if pinned is not None:
-            name = pinned.decode("latin-1").strip()
             for target in self.targets:
-                if target.revision == name:
+                if target.revision == pinned:
                     return target
         weighted = self._weighted
         if len(weighted) == 1:

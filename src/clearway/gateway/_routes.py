@@ -10,6 +10,18 @@ Parsing is strict: a table the gateway does not fully understand is refused
 with a :class:`RoutesError` that names the bad field, and the caller keeps
 serving the previous table.  A half-understood table would send traffic to the
 wrong place, which is worse than serving a stale one for a moment.
+
+The table also carries what access control needs, so that one atomic file
+swap changes routes and trust together: each internal route's ``allow`` rules
+(which callers may use it) and the top-level ``identities`` (replica id ->
+incarnation of every replica running now).  A replica credential is honoured
+only while its (replica, incarnation) pair is in the table the gateway serves,
+so removing a stopped replica from the table revokes its token at once,
+without waiting for the token to expire.
+
+Endpoints are ``"unix:/abs/path.sock"`` (replicas listen only on Unix sockets
+that the platform's user may open, so nothing can reach them around the
+gateway's checks) or ``"host:port"`` (kept for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -17,16 +29,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clearway.exceptions import ClearwayError
 
-__all__ = ["Route", "RouteTable", "RoutesError", "Target", "load_routes"]
+__all__ = ["AllowRule", "Route", "RouteTable", "RoutesError", "Target", "load_routes"]
 
 #: The only routes-file format this gateway reads.
 ROUTES_VERSION = 1
+#: Longest path a Unix socket address can hold on Linux (``sun_path`` is 108
+#: bytes including the terminating NUL).
+MAX_UNIX_PATH_BYTES = 107
 
 
 class RoutesError(ClearwayError):
@@ -39,8 +54,25 @@ class Target:
 
     revision: str
     weight: int
-    #: ``"127.0.0.1:40123"`` strings; empty while the revision has no ready replica.
+    #: ``"unix:/run/x.sock"`` or ``"127.0.0.1:40123"`` strings; empty while the
+    #: revision has no ready replica.
     endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AllowRule:
+    """Callers an internal route accepts: replicas of ``app`` (``None`` = any revision/component)."""
+
+    app: str
+    revision: str | None = None
+    component: str | None = None
+
+    def allows(self, app: str, revision: str, component: str) -> bool:
+        return (
+            self.app == app
+            and (self.revision is None or self.revision == revision)
+            and (self.component is None or self.component == component)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +88,11 @@ class Route:
     timeout: float = 60.0
     #: A request header naming a revision sends the request to that revision.
     pin_header: str = "x-clearway-revision"
-    #: Only clients on this machine (loopback) may use the route: how replicas
-    #: reach their app's private services. Others get the same 404 as for no route.
+    #: A private service: callers must prove a replica identity
+    #: (``x-clearway-identity``) that one of ``allow`` accepts.
     internal: bool = False
+    #: Who may call an internal route (empty: nobody). Only for internal routes.
+    allow: tuple[AllowRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +102,8 @@ class RouteTable:
     routes: tuple[Route, ...] = ()
     domains: tuple[str, ...] = ()
     generation: int = 0
+    #: replica id -> incarnation of every replica whose credential is honoured.
+    identities: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Any) -> RouteTable:
@@ -87,7 +123,14 @@ class RouteTable:
         routes = tuple(
             _route(r, f"routes[{i}]") for i, r in enumerate(_list(data.get("routes", []), "routes"))
         )
-        return cls(routes=routes, domains=domains, generation=generation)
+        raw_identities = data.get("identities", {})
+        if not isinstance(raw_identities, Mapping):
+            raise RoutesError("identities must be an object mapping replica ids to incarnations")
+        identities = {
+            _str(replica, "identities key"): _str(inc, f"identities[{replica!r}]")
+            for replica, inc in raw_identities.items()
+        }
+        return cls(routes=routes, domains=domains, generation=generation, identities=identities)
 
     def to_json(self) -> dict[str, Any]:
         """The table as version-1 JSON data (the inverse of :meth:`from_json`)."""
@@ -95,6 +138,7 @@ class RouteTable:
             "version": ROUTES_VERSION,
             "generation": self.generation,
             "domains": list(self.domains),
+            "identities": dict(self.identities),
             "routes": [
                 {
                     "app": r.app,
@@ -104,6 +148,11 @@ class RouteTable:
                     "timeout": r.timeout,
                     "pin_header": r.pin_header,
                     "internal": r.internal,
+                    **(
+                        {"allow": [{"app": a.app, "revision": a.revision, "component": a.component} for a in r.allow]}
+                        if r.internal
+                        else {}
+                    ),
                     "targets": [
                         {"revision": t.revision, "weight": t.weight, "endpoints": list(t.endpoints)}
                         for t in r.targets
@@ -152,6 +201,11 @@ def _route(data: Any, where: str) -> Route:
     internal = data.get("internal", False)
     if not isinstance(internal, bool):
         raise RoutesError(f"{where}.internal must be true or false")
+    if "allow" in data and not internal:
+        raise RoutesError(f"{where}.allow is only meaningful on an internal route (\"internal\": true)")
+    allow = tuple(
+        _allow(a, f"{where}.allow[{i}]") for i, a in enumerate(_list(data.get("allow", []), f"{where}.allow"))
+    )
     targets = tuple(
         _target(t, f"{where}.targets[{i}]")
         for i, t in enumerate(_list(data.get("targets", []), f"{where}.targets"))
@@ -168,6 +222,25 @@ def _route(data: Any, where: str) -> Route:
         timeout=float(timeout),
         pin_header=_str(data.get("pin_header", "x-clearway-revision"), f"{where}.pin_header").lower(),
         internal=internal,
+        allow=allow,
+    )
+
+
+def _allow(data: Any, where: str) -> AllowRule:
+    if not isinstance(data, Mapping):
+        raise RoutesError(f"{where} must be an object")
+    unknown = set(data) - {"app", "revision", "component"}
+    if unknown:
+        raise RoutesError(f"{where} has unknown field(s) {sorted(unknown)}; expected app, revision, component")
+    app = _str(data.get("app"), f"{where}.app")
+    if not app:
+        raise RoutesError(f"{where}.app must not be empty")
+    revision = data.get("revision")
+    component = data.get("component")
+    return AllowRule(
+        app=app,
+        revision=None if revision is None else _str(revision, f"{where}.revision"),
+        component=None if component is None else _str(component, f"{where}.component"),
     )
 
 
@@ -185,9 +258,19 @@ def _target(data: Any, where: str) -> Target:
 
 def _endpoint(value: Any, where: str) -> str:
     text = _str(value, where)
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/") or "\0" in path:
+            raise RoutesError(f"{where} must be 'unix:' and an absolute socket path, got {text!r}")
+        if len(path.encode("utf-8", "surrogateescape")) > MAX_UNIX_PATH_BYTES:
+            raise RoutesError(
+                f"{where}: the socket path {path!r} is longer than {MAX_UNIX_PATH_BYTES} bytes, "
+                "which a Unix socket address cannot hold; use a shorter directory"
+            )
+        return text
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RoutesError(f"{where} must look like '127.0.0.1:40123', got {text!r}")
+        raise RoutesError(f"{where} must look like 'unix:/run/app.sock' or '127.0.0.1:40123', got {text!r}")
     return text
 
 

@@ -18,6 +18,10 @@ Why the pool looks the way it does:
   5 s) are closed rather than reused, so that we rarely write a request into a
   socket the replica is closing; the proxy still retries idempotent requests
   that lose that race.
+* Replicas listen on Unix sockets (``"unix:/path"`` endpoints) that only the
+  platform's user can open, so the gateway is the only way in and its access
+  checks cannot be walked around; ``host:port`` endpoints still work (tests,
+  benchmarks).
 * An endpoint dropped from the route table is *retired*: its idle connections
   are closed at once and busy ones are closed when their response ends, so a
   draining replica never gets a new request on a stale connection.
@@ -221,15 +225,25 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class Endpoint:
-    """A replica's ``host:port``, its idle connections and its in-flight count."""
+    """A replica's address, its idle connections and its in-flight count.
 
-    __slots__ = ("_idle", "_loop", "_settings", "address", "host", "in_flight", "port", "retired")
+    ``address`` is ``"unix:/abs/path.sock"`` or ``"host:port"``.
+    """
+
+    __slots__ = ("_idle", "_loop", "_settings", "address", "host", "in_flight", "path", "port", "retired")
 
     def __init__(self, address: str, settings: GatewaySettings, loop: asyncio.AbstractEventLoop) -> None:
-        host, _, port = address.rpartition(":")
         self.address = address
-        self.host = host.strip("[]")
-        self.port = int(port)
+        #: The Unix socket path, or None for a TCP endpoint.
+        self.path: str | None = None
+        self.host = ""
+        self.port = 0
+        if address.startswith("unix:"):
+            self.path = address[5:]
+        else:
+            host, _, port = address.rpartition(":")
+            self.host = host.strip("[]")
+            self.port = int(port)
         #: Requests currently sent to this endpoint (for load balancing).
         self.in_flight = 0
         self.retired = False
@@ -257,9 +271,10 @@ class Endpoint:
     async def connect(self) -> UpstreamConnection:
         """Open a new connection (raises OSError or TimeoutError)."""
         async with asyncio.timeout(self._settings.connect_timeout):
-            _, conn = await self._loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port
-            )
+            if self.path is not None:
+                _, conn = await self._loop.create_unix_connection(lambda: UpstreamConnection(self), self.path)
+            else:
+                _, conn = await self._loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

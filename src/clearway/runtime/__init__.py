@@ -2,9 +2,11 @@
 
 The control plane (through the local backend) describes each replica with a
 `ReplicaSpec` and hands it to a `Supervisor`, which starts it with a
-`Launcher`, probes it, restarts it with backoff, limits it with cgroups,
-optionally sandboxes it, and reports every `ReplicaStatus` change. Inside each
-replica process runs ``python -m clearway.runtime.replica``.
+`Launcher`, isolates it (bubblewrap, its own uid), probes it over its unix
+socket, restarts it with backoff, limits it with cgroups, caps its logs, and
+reports every `ReplicaStatus` change. Inside each replica process runs
+``python -m clearway.runtime.replica``; beside it, its log writer
+(``clearway.runtime.logwriter``).
 
 Layering: the runtime imports the SDK (to load apps) and the spec, never the
 control plane, the gateway, the backends or the CLI (``.importlinter``).
@@ -15,12 +17,13 @@ Modules, one concept each::
     status        ReplicaState, ReplicaStatus
     supervisor    Supervisor: the per-replica loop, probes, restarts, adoption
     launcher      Launcher protocol, SpawnLauncher (posix_spawn)
+    isolation     bubblewrap view and setpriv uid switch, for every replica
     process       pidfd watching, (pid, start time) identity, group signals
     restarts      backoff and crash-loop policy
-    probes        HTTP readiness/liveness probes
+    probes        HTTP readiness/liveness probes over unix sockets
     cgroups       memory and CPU limits (cgroup v2, else v1)
-    sandbox       bubblewrap command line
-    logs          rotation, tail, follow
+    logwriter     the per-process log writer that enforces the cap (run as a process)
+    logs          tail, follow and read across rotation; copytruncate for platform logs
     clock         injected time
     interface     ASGI/WSGI detection
     exit_codes    what a replica's exit code means
@@ -30,6 +33,7 @@ Modules, one concept each::
 from __future__ import annotations
 
 from clearway.runtime.clock import Clock, ManualClock, SystemClock
+from clearway.runtime.isolation import Isolation, find_bwrap, isolated_argv
 from clearway.runtime.launcher import LaunchedProcess, Launcher, LaunchRequest, SpawnLauncher
 from clearway.runtime.logs import follow_log, rotate_log, tail_log
 from clearway.runtime.probes import ProbePolicy
@@ -37,6 +41,7 @@ from clearway.runtime.restarts import RestartPolicy
 from clearway.runtime.spec import ReplicaSpec
 from clearway.runtime.status import ReplicaState, ReplicaStatus
 from clearway.runtime.supervisor import (
+    Credentials,
     StatusCallback,
     Supervisor,
     SupervisorConfig,
@@ -45,6 +50,8 @@ from clearway.runtime.supervisor import (
 
 __all__ = [
     "Clock",
+    "Credentials",
+    "Isolation",
     "LaunchRequest",
     "LaunchedProcess",
     "Launcher",
@@ -60,7 +67,9 @@ __all__ = [
     "SupervisorConfig",
     "SystemClock",
     "UnknownReplicaError",
+    "find_bwrap",
     "follow_log",
+    "isolated_argv",
     "rotate_log",
     "tail_log",
 ]

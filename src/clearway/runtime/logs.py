@@ -1,18 +1,18 @@
-"""Replica log files: rotation, tail and follow.
+"""Log files: tail, follow, read since a position; copytruncate rotation for the platform's.
 
-A replica writes stdout and stderr straight into its log file through a
-descriptor opened with ``O_APPEND`` (see `clearway.runtime.launcher`); nothing
-sits in between, so a replica's output survives a crash of the control plane
-and costs no copying. The price is that the replica, not us, holds the file
-open, so rotation is "copytruncate": copy the file to ``.1`` (after shifting
-``.1`` to ``.2`` and so on), then truncate it in place. Because every write
-is an append, the replica's next write lands at the new end of the file rather
-than re-creating a hole at its old offset. Lines written between the copy and
-the truncation are lost; that window is a few milliseconds per rotation, the
-usual trade of copytruncate.
+A replica's log is written by its log writer (`clearway.runtime.logwriter`),
+which rotates by *rename*: ``PATH`` becomes ``PATH.1`` and a new ``PATH`` is
+started. The readers here therefore never trust a byte offset alone:
+`follow_log` keeps the file it is reading open and, when ``PATH`` names a new
+file, drains the old one before moving on; `read_log_since` takes a
+`LogPosition` (inode and offset) and finds the text written since in
+``PATH.1`` and ``PATH``; `tail_log` reaches into ``PATH.1`` when ``PATH`` was
+just started.
 
-`tail_log` and `follow_log` are what ``clearway logs [-f]`` needs; `follow_log`
-notices rotation (the file shrinking) and starts again from the top.
+`rotate_log` is the older copy-and-truncate rotation, still used for the
+gateway's own logs, which the gateway appends to with ``O_APPEND`` itself.
+Copying needs free space, so it is no use on a full disk; replica logs do not
+use it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,36 @@ import os
 import shutil
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
-__all__ = ["follow_log", "read_log_since", "rotate_log", "tail_log"]
+__all__ = [
+    "LogPosition",
+    "follow_log",
+    "log_position",
+    "read_log_since",
+    "rotate_log",
+    "tail_log",
+]
+
+
+class LogPosition(NamedTuple):
+    """A point in a log that survives rotation by rename: which file, and where in it."""
+
+    inode: int
+    offset: int
+
+
+def log_position(path: Path) -> LogPosition:
+    """The current end of ``path`` (inode 0, offset 0 when it does not exist yet)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return LogPosition(0, 0)
+    return LogPosition(info.st_ino, info.st_size)
+
+
+def _rotated(path: Path, n: int = 1) -> Path:
+    return path.with_name(f"{path.name}.{n}")
 
 
 def rotate_log(path: Path, *, max_bytes: int, keep: int) -> bool:
@@ -58,31 +86,53 @@ def _read_tail_bytes(path: Path, max_bytes: int, start: int = 0) -> bytes:
 
 
 def tail_log(path: Path, lines: int = 100, *, max_bytes: int = 1024 * 1024) -> list[str]:
-    """The last ``lines`` lines of the log (looking at most at its last ``max_bytes``)."""
+    """The last ``lines`` lines of the log (looking at most at its last ``max_bytes``),
+    reaching into ``PATH.1`` when ``PATH`` holds fewer."""
     if lines <= 0:
         return []
-    text = _read_tail_bytes(path, max_bytes).decode("utf-8", "replace")
-    return text.splitlines()[-lines:]
+    data = _read_tail_bytes(path, max_bytes)
+    if data.count(b"\n") < lines and len(data) < max_bytes:
+        data = _read_tail_bytes(_rotated(path), max_bytes - len(data)) + data
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
-def read_log_since(path: Path, offset: int, *, lines: int = 40, max_bytes: int = 16384) -> str:
-    """The last ``lines`` lines written at or after byte ``offset`` (e.g. by one process)."""
-    text = _read_tail_bytes(path, max_bytes, start=offset).decode("utf-8", "replace")
+def read_log_since(
+    path: Path, since: LogPosition, *, lines: int = 40, max_bytes: int = 16384
+) -> str:
+    """The last ``lines`` lines written after ``since`` (e.g. by one process), across a
+    rotation: from ``since`` in the file that was ``PATH`` then, and all of ``PATH`` now."""
+    data = b""
+    try:
+        current = os.stat(path).st_ino
+    except FileNotFoundError:
+        current = 0
+    if since.inode == current:
+        data = _read_tail_bytes(path, max_bytes, start=since.offset)
+    else:
+        older = _rotated(path)
+        try:
+            older_inode = os.stat(older).st_ino
+        except FileNotFoundError:
+            older_inode = 0
+        if since.inode and older_inode == since.inode:
+            data = _read_tail_bytes(older, max_bytes, start=since.offset)
+        data += _read_tail_bytes(path, max_bytes)
+    text = data[-max_bytes:].decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _read_from(path: Path, position: int) -> tuple[int, bytes]:
-    """(new position, bytes appended since ``position``); restarts at 0 after a rotation."""
+def _open_log(path: Path) -> BinaryIO | None:
     try:
-        with open(path, "rb") as log:
-            size = os.fstat(log.fileno()).st_size
-            if size < position:
-                position = 0
-            log.seek(position)
-            chunk = log.read(size - position)
+        return open(path, "rb")
     except FileNotFoundError:
-        return 0, b""
-    return position + len(chunk), chunk
+        return None
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 async def follow_log(
@@ -90,26 +140,46 @@ async def follow_log(
 ) -> AsyncGenerator[str, None]:
     """Yield the last ``lines`` lines, then every new line as it is written, forever.
 
-    Polls the file (no inotify in the standard library); restarts from the top
-    when the file shrinks (rotation) and waits when it does not exist yet. The
-    reads are synchronous: a local file read of what was just appended is
-    cheaper than a trip to a thread.
+    Polls (no inotify in the standard library). Keeps the file it reads open, so
+    a rotation by rename loses nothing: when ``PATH`` names another file, the
+    rest of the old one is read first. A file that shrinks in place (copytruncate)
+    is read again from the top. The reads are synchronous: a local file read of
+    what was just appended is cheaper than a trip to a thread.
     """
     for line in tail_log(path, lines):
         yield line
-    try:
-        position = os.stat(path).st_size
-    except FileNotFoundError:
-        position = 0
+    log = _open_log(path)
+    if log is not None:
+        log.seek(0, os.SEEK_END)
     pending = b""
-    while True:
-        new_position, chunk = _read_from(path, position)
-        if new_position < position:
-            pending = b""
-        position = new_position
-        if not chunk:
+    try:
+        while True:
+            if log is None:
+                log = _open_log(path)
+                if log is None:
+                    await asyncio.sleep(poll_interval)
+                    continue
+            if os.fstat(log.fileno()).st_size < log.tell():  # truncated in place
+                log.seek(0)
+                pending = b""
+            chunk = log.read()
+            if chunk:
+                *complete, pending = (pending + chunk).split(b"\n")
+                for raw in complete:
+                    yield raw.decode("utf-8", "replace")
+                continue
+            if _inode(path) != os.fstat(log.fileno()).st_ino:
+                # Rotated. Every write to the old file happened before the rename we
+                # just observed, so one more read drains it.
+                rest = log.read()
+                log.close()
+                log = None
+                if rest:
+                    *complete, pending = (pending + rest).split(b"\n")
+                    for raw in complete:
+                        yield raw.decode("utf-8", "replace")
+                continue  # a line split across the two files continues in `pending`
             await asyncio.sleep(poll_interval)
-            continue
-        *complete, pending = (pending + chunk).split(b"\n")
-        for raw in complete:
-            yield raw.decode("utf-8", "replace")
+    finally:
+        if log is not None:
+            log.close()

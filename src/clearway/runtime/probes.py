@@ -1,6 +1,7 @@
 """Readiness and liveness probes of a service replica.
 
-A probe is one ``GET`` on a fresh connection to ``127.0.0.1:<port>``, written by
+A probe is one ``GET`` on a fresh connection to the replica's unix socket
+(services never listen on TCP: see `clearway.runtime.supervisor`), written by
 hand on asyncio streams: a connection pool (an HTTP client's) would keep
 connections to a process that has since been replaced, and we need nothing but
 the status line.
@@ -11,12 +12,21 @@ kernel completes TCP handshakes even while the app is still importing, or hung.
 Without a health path a probe therefore asks for ``/`` and accepts *any* HTTP
 answer (even a 404 or a 500): it proves the server is up and serving, which is
 what a TCP check was meant to prove.
+
+How fast an unresponsive replica leaves rotation: the first failed liveness
+probe makes it UNHEALTHY, which the backend does not route. A replica that
+stops answering (hung, or SIGSTOPped) is therefore out of rotation within
+``liveness_interval + timeout`` of hanging, plus the time the backend takes to
+publish the route table to the gateway (milliseconds): about 2 s with the
+defaults. It is restarted only after ``failure_threshold`` failures in a row,
+so one slow answer costs a moment out of rotation, not a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["ProbePolicy", "ProbeResult", "probe_http"]
 
@@ -25,11 +35,13 @@ __all__ = ["ProbePolicy", "ProbeResult", "probe_http"]
 class ProbePolicy:
     readiness_interval: float = 0.05
     """Delay between readiness probes while a replica starts (kept small: it bounds start latency)."""
-    liveness_interval: float = 5.0
-    timeout: float = 2.0
+    liveness_interval: float = 1.0
+    """Between liveness probes of a READY or UNHEALTHY replica."""
+    timeout: float = 1.0
     """Per probe: connect, send, and read the status line."""
     failure_threshold: int = 3
-    """Consecutive failed liveness probes that make a ready replica UNHEALTHY."""
+    """Consecutive failed liveness probes that get a replica restarted (the first one
+    already takes it out of rotation)."""
     worker_ready_after: float = 1.0
     """Workers have no probe: one counts as READY once it has run this long (a worker
     whose import fails thus never looks ready, like Kubernetes' ``minReadySeconds``)."""
@@ -42,14 +54,15 @@ class ProbeResult:
     """For failures: what went wrong, e.g. "GET /healthz answered 503"."""
 
 
-async def probe_http(port: int, path: str | None, *, within: float) -> ProbeResult:
+async def probe_http(socket_path: str | Path, path: str | None, *, within: float) -> ProbeResult:
+    """One ``GET path`` over the unix socket at ``socket_path``."""
     target = path or "/"
     try:
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
             try:
                 writer.write(
-                    f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"GET {target} HTTP/1.1\r\nHost: localhost\r\n"
                     "User-Agent: clearway-probe\r\nConnection: close\r\n\r\n".encode("latin-1")
                 )
                 await writer.drain()

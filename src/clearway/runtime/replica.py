@@ -6,18 +6,24 @@ code snapshot and runs one component:
 
 * a **service** function is called once to get the web app, which is served
   with uvicorn (uvloop, httptools, lifespan ``auto``, no access log) on the
-  listening socket the supervisor created and passed as fd 3. Creating the
-  socket in the supervisor means the port is known before the process starts,
-  two replicas can never race for a port, and the port survives restarts. The
-  socket is handed to ``uvicorn.Server.run(sockets=...)`` rather than through
-  ``Config(fd=...)``, which assumes a unix socket for inherited fds.
+  listening unix socket the supervisor created and passed as fd 3. Creating
+  the socket in the supervisor means its path is known before the process
+  starts, only the platform's user can connect to it (the replica cannot even
+  see the file), and it survives restarts. The socket is handed to
+  ``uvicorn.Server.run(sockets=...)``.
   On SIGTERM uvicorn stops accepting, lets in-flight requests finish for most
   of the grace period, runs the app's lifespan shutdown and exits 0.
 * a **worker** function is called (``async def`` ones under ``asyncio.run``);
   SIGTERM raises ``SystemExit(0)`` in it, so ``finally`` blocks and context
   managers run. A worker that returns has exited (code 0) and is restarted.
 
-Everything goes to stdout/stderr, which the supervisor pointed at the log file,
+When ``CLEARWAY_CONTROL_URL`` and ``CLEARWAY_REPLICA_TOKEN`` are set, a daemon
+thread renews the token at about half its lifetime over the replica channel
+(``POST /v1/replica/token``) and puts the new one in ``os.environ``, where the
+SDK reads it. Renewal never crashes the replica: failures are printed and
+retried with backoff until the token expires, and after.
+
+Everything goes to stdout/stderr, a pipe to the replica's log writer,
 so a traceback printed here is what the supervisor reports as the replica's
 ``last_error``. The exit code says which stage failed (`clearway.runtime.exit_codes.ExitCode`).
 """
@@ -25,12 +31,19 @@ so a traceback printed here is what the supervisor reports as the replica's
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import inspect
+import json
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -40,10 +53,20 @@ import uvicorn
 from clearway.exceptions import AppLoadError, SpecError
 from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.interface import BadAppObject, as_asgi
-from clearway.runtime.spec import LISTEN_FD_ENV_VAR, SPEC_ENV_VAR, Interface, ReplicaSpec
+from clearway.runtime.spec import (
+    LISTEN_FD_ENV_VAR,
+    SPEC_ENV_VAR,
+    TOKEN_ENV_VAR,
+    Interface,
+    ReplicaSpec,
+)
 from clearway.sdk.loader import load_app
 
-__all__ = ["main"]
+__all__ = ["TokenRenewer", "main", "token_lifetime"]
+
+#: How long before trying again after a failed renewal: doubles from the first to the last.
+RENEW_RETRY_FIRST = 1.0
+RENEW_RETRY_MAX = 60.0
 
 
 def _say(message: str) -> None:
@@ -65,6 +88,7 @@ def main() -> int:
         _say(f"cannot read the replica spec from ${SPEC_ENV_VAR}: {error!r}")
         return ExitCode.BAD_SPEC
     os.chdir(spec.workdir)
+    TokenRenewer.from_environment()
     sys.path.insert(0, str(spec.code_dir))
     _say(f"replica {spec.replica_id} (pid {os.getpid()}) loading {spec.app_file}")
     try:
@@ -104,7 +128,7 @@ def _serve(target: Callable[[], Any], *, interface: Interface, grace: float, lis
     except BadAppObject as error:
         _say(str(error))
         return ExitCode.BAD_COMPONENT
-    # socket(fileno=...) detects the family (AF_INET) from the fd itself.
+    # socket(fileno=...) detects the family (AF_UNIX) from the fd itself.
     sock = socket.socket(fileno=listen_fd)
     config = uvicorn.Config(
         asgi,
@@ -119,8 +143,7 @@ def _serve(target: Callable[[], Any], *, interface: Interface, grace: float, lis
         timeout_graceful_shutdown=max(grace * 0.5, grace - 1.0),  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
-    host, port = sock.getsockname()[:2]
-    _say(f"serving on http://{host}:{port}")
+    _say(f"serving on unix:{sock.getsockname()}")
     # uvicorn handles SIGTERM while serving, then re-raises it to our handler: exit 0.
     server.run(sockets=[sock])
     if not server.started:
@@ -143,6 +166,88 @@ def _work(target: Callable[[], Any]) -> int:
         return ExitCode.APP_ERROR
     _say("the worker function returned")
     return ExitCode.OK
+
+
+def token_lifetime(token: str) -> tuple[float, float] | None:
+    """(iat, exp) read from a JWT's payload, unverified (it is our own), or None."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["iat"]), float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+        return None
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        try:
+            body = error.read()[:200].decode("utf-8", "replace")
+        except Exception:
+            body = ""
+        return f"HTTP {error.code} {body}".strip()
+    return repr(error)
+
+
+class TokenRenewer:
+    """Renews ``CLEARWAY_REPLICA_TOKEN`` at half its lifetime, in a daemon thread."""
+
+    def __init__(self, control_url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.control_url = control_url.rstrip("/")
+        self._clock = clock
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="clearway-token-renewal", daemon=True)
+
+    @classmethod
+    def from_environment(cls) -> TokenRenewer | None:
+        url = os.environ.get("CLEARWAY_CONTROL_URL")
+        if not url or not os.environ.get(TOKEN_ENV_VAR):
+            return None
+        renewer = cls(url)
+        renewer.thread.start()
+        return renewer
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def next_renewal(self, token: str) -> float:
+        """Seconds from now until ``token`` should be renewed (half its lifetime)."""
+        lifetime = token_lifetime(token)
+        if lifetime is None:
+            return RENEW_RETRY_MAX
+        iat, exp = lifetime
+        # At least a second apart, whatever the token says: never a busy loop.
+        return max(1.0, iat + (exp - iat) / 2 - self._clock())
+
+    def renew_once(self) -> str:
+        """Exchange the current token for a new one; raises on any failure."""
+        token = os.environ[TOKEN_ENV_VAR]
+        request = urllib.request.Request(
+            f"{self.control_url}/v1/replica/token",
+            data=b"{}",
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            new = json.loads(response.read())["token"]
+        if not isinstance(new, str) or not new:
+            raise ValueError(f"the control plane answered without a token: {new!r}")
+        os.environ[TOKEN_ENV_VAR] = new
+        return new
+
+    def _run(self) -> None:
+        retry = RENEW_RETRY_FIRST
+        delay = self.next_renewal(os.environ.get(TOKEN_ENV_VAR, ""))
+        while not self._stop.wait(delay):
+            try:
+                new = self.renew_once()
+            except Exception as error:  # never let renewal take the replica down
+                _say(
+                    f"could not renew the replica token: {_describe(error)}; retrying in {retry:g}s"
+                )
+                delay, retry = retry, min(retry * 2, RENEW_RETRY_MAX)
+                continue
+            retry = RENEW_RETRY_FIRST
+            delay = self.next_renewal(new)
 
 
 if __name__ == "__main__":

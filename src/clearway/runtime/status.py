@@ -2,7 +2,7 @@
 
 `ReplicaStatus` is an immutable snapshot: the supervisor builds a new one on
 every change and hands it to its ``on_change`` callback, so the control plane
-can persist it (and later hand ``pid``, ``pid_start_time`` and ``port`` back to
+can persist it (and later hand ``pid``, ``pid_start_time`` and ``incarnation`` back to
 `Supervisor.adopt` after a restart of its own) without ever racing the
 supervisor's bookkeeping.
 """
@@ -20,7 +20,9 @@ class ReplicaState(enum.Enum):
     STARTING = "starting"
     # Answering its probe: a service may receive traffic, a worker is running.
     READY = "ready"
-    # Was ready, then failed several liveness probes in a row; about to be restarted.
+    # Was ready, then failed its latest liveness probe: out of rotation at once (only READY
+    # replicas are routed); READY again on the next success; restarted (via BACKOFF) once
+    # `ProbePolicy.failure_threshold` probes in a row have failed.
     UNHEALTHY = "unhealthy"
     # Exited, failed or was killed; waiting out an exponential backoff before restarting.
     BACKOFF = "backoff"
@@ -48,8 +50,10 @@ class ReplicaStatus:
     """The replica's process (the process group leader). None between processes."""
     pid_start_time: int | None = None
     """Field 22 of /proc/<pid>/stat: with ``pid``, identifies the process across pid reuse."""
-    port: int | None = None
-    """The 127.0.0.1 port a service listens on; stays the same across restarts."""
+    socket_path: str | None = None
+    """The unix socket a service listens on (its spec's); stays the same across restarts."""
+    incarnation: str | None = None
+    """Random hex minted at each process start (names the process in its credential)."""
     restarts: int = 0
     last_exit_code: int | None = None
     """Of the previous process; negative for a signal (-9: killed); None when unknown."""

@@ -4,12 +4,13 @@ One `Supervisor` per control plane. For every replica it runs one supervised
 background task (``replica:<id>``) that owns the replica's process from spawn
 to exit, and loops::
 
-    spawn ─▶ STARTING ─(readiness probe ok)─▶ READY ─(liveness fails N times)─▶ UNHEALTHY
-               │  never ready in time /              │ exits                          │
-               │  exits before ready                 ▼                                ▼
-               └────────────────────────────▶ BACKOFF or CRASHLOOP ◀─── terminate ────┘
-                                                     │ delay elapsed
-                                                     └────────▶ spawn again
+    spawn ─▶ STARTING ─(readiness probe ok)─▶ READY ◀─(probe ok)─┐
+               │  never ready in time /        │  │ liveness fails │
+               │  exits before ready           │  └─────────▶ UNHEALTHY (out of rotation)
+               │                               │ exits            │ fails N times in a row
+               └─────────────────────▶ BACKOFF or CRASHLOOP ◀─ terminate
+                                               │ delay elapsed
+                                               └────────▶ spawn again
 
 `stop` interrupts any stage: STOPPING (SIGTERM to the process group, SIGKILL
 after the grace period) then STOPPED. Each transition produces a new immutable
@@ -22,18 +23,31 @@ Design points:
   the supervisor tracks them by ``(pid, start time)`` through pidfds rather
   than as children, so after a restart a new supervisor can `adopt` them.
   Closing the supervisor without stopping replicas only detaches.
-* **The port belongs to the replica, not to a process.** The supervisor binds
-  ``127.0.0.1:0`` once per service replica and passes the socket to each
-  process it starts, so the port is known before the first start, never races,
-  and stays the same across restarts (requests arriving during a restart wait
-  in the backlog). An adopted replica's socket is in the old process; when it
-  must be restarted the supervisor binds the same port again if it can.
+* **The socket belongs to the replica, not to a process, and to no one else.**
+  Services never listen on TCP, where any local process could reach them
+  around the gateway's access control. The supervisor binds a unix socket at
+  ``spec.socket_path`` (its directory 0700, the socket 0600: only the
+  platform's user, i.e. the gateway and the probes, can connect; replicas run
+  under other uids and do not even see the directory) once per service
+  replica and passes it to each process it starts, so it is ready before the
+  first start and stays the same across restarts (requests arriving during a
+  restart wait in the backlog). An adopted replica's socket is in the old
+  process; when it must be restarted the supervisor binds the path again.
+* **Each process start is an incarnation**: a random id, reported in the
+  status and named in the credential the ``credentials`` callback mints for
+  that process (``CLEARWAY_REPLICA_TOKEN``), so a stopped process's token can
+  be told from its successor's.
+* **Out of rotation at the first failed liveness probe** (UNHEALTHY, which is
+  not routed), back at the next success, restarted after
+  ``failure_threshold`` failures: see `clearway.runtime.probes` for the bound.
 * **Two clocks.** Decisions about history (backoff, crash loops, forgiveness)
   use the injected `Clock`, so tests can drive them. Deadlines that race real
   processes (startup timeout, grace period, probe timeouts) use the event
   loop's time: a fake clock cannot make a process start faster.
-* **Limits and sandbox** are delegated to `clearway.runtime.cgroups` (best
-  effort, reported as warnings) and to the launcher.
+* **Limits, isolation and logs** are delegated to `clearway.runtime.cgroups`
+  (best effort, reported as warnings) and to the launcher (bubblewrap and
+  setpriv, `clearway.runtime.isolation`; a log writer per process that enforces
+  the log cap, `clearway.runtime.logwriter`).
 """
 
 from __future__ import annotations
@@ -43,8 +57,11 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import os
+import secrets
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -55,8 +72,9 @@ from clearway.exceptions import ClearwayError, RuntimeStartError
 from clearway.runtime.cgroups import Cgroup, CgroupUnavailable, create_cgroup
 from clearway.runtime.clock import Clock, SystemClock
 from clearway.runtime.exit_codes import ExitCode
+from clearway.runtime.isolation import find_bwrap
 from clearway.runtime.launcher import LaunchedProcess, Launcher, LaunchRequest, SpawnLauncher
-from clearway.runtime.logs import read_log_since, rotate_log
+from clearway.runtime.logs import LogPosition, log_position, read_log_since
 from clearway.runtime.probes import ProbePolicy, ProbeResult, probe_http
 from clearway.runtime.process import (
     ProcessExit,
@@ -66,16 +84,23 @@ from clearway.runtime.process import (
     signal_group,
 )
 from clearway.runtime.restarts import RestartPolicy, RestartTracker
-from clearway.runtime.sandbox import find_bwrap
 from clearway.runtime.spec import ReplicaSpec, replica_environment
 from clearway.runtime.status import ReplicaState, ReplicaStatus
 from clearway.tasks import TaskSupervisor
 
-__all__ = ["StatusCallback", "Supervisor", "SupervisorConfig", "UnknownReplicaError"]
+__all__ = [
+    "Credentials",
+    "StatusCallback",
+    "Supervisor",
+    "SupervisorConfig",
+    "UnknownReplicaError",
+]
 
 logger = logging.getLogger("clearway.runtime")
 
 StatusCallback = Callable[[ReplicaStatus], None]
+#: Mints the credential of one process start: (spec, incarnation) -> token.
+Credentials = Callable[[ReplicaSpec, str], str]
 
 
 class UnknownReplicaError(ClearwayError, KeyError):
@@ -90,9 +115,9 @@ class SupervisorConfig:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     probes: ProbePolicy = field(default_factory=ProbePolicy)
     log_max_bytes: int = 10 * 1024 * 1024
+    """The cap on each replica log file, enforced by its log writer before every write."""
     log_keep: int = 3
     """Rotated copies kept: ``replica.log.1`` (newest) .. ``replica.log.<keep>``."""
-    log_rotate_interval: float = 10.0
     cgroup_parent: str = "clearway"
     error_log_lines: int = 40
     """Lines of the log tail quoted in ``last_error`` when a process crashes."""
@@ -128,7 +153,7 @@ class _Replica:
         self.watch: ProcessWatch | None = None
         self.stop_requested = asyncio.Event()
         self.stop_grace: float | None = None
-        self.log_offset = 0
+        self.log_since = LogPosition(0, 0)
 
     # -- status -----------------------------------------------------------------------
 
@@ -153,14 +178,24 @@ class _Replica:
 
     # -- resources --------------------------------------------------------------------
 
-    def prepare(self, port: int | None) -> None:
+    def prepare(self, *, adopted: bool) -> None:
         """Create the workdir, the log directory and the cgroup; bind the socket if needed."""
         spec = self.spec
         spec.workdir.mkdir(parents=True, exist_ok=True)
+        if spec.uid is not None and os.geteuid() == 0:
+            gid = spec.gid if spec.gid is not None else spec.uid
+            os.chown(spec.workdir, spec.uid, gid)
+            spec.workdir.chmod(0o700)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if spec.kind == "service" and port is None:
-            self.listener = _listen(0)
-            self.status = dataclasses.replace(self.status, port=self.listener.getsockname()[1])
+        if spec.kind == "service":
+            if spec.socket_path is None:
+                raise RuntimeStartError(
+                    f"service replica {spec.replica_id} has no socket_path: the platform must "
+                    "say where its unix socket goes"
+                )
+            self.status = dataclasses.replace(self.status, socket_path=str(spec.socket_path))
+            if not adopted:
+                self.listener = _listen_unix(spec.socket_path)
         try:
             self.cgroup = create_cgroup(
                 spec.replica_id,
@@ -176,22 +211,20 @@ class _Replica:
             )
 
     def ensure_listener(self) -> None:
-        """After an adopted process ended: bind its port again (or a new one) for the next."""
+        """After an adopted process ended: bind its socket path again for the next."""
         if self.spec.kind != "service" or self.listener is not None:
             return
-        wanted = self.status.port or 0
-        try:
-            self.listener = _listen(wanted)
-        except OSError as error:
-            self.listener = _listen(0)
-            self.warn(f"port {wanted} is no longer free ({error.strerror}); now on a new port")
-        self.update(port=self.listener.getsockname()[1])
+        assert self.spec.socket_path is not None
+        self.listener = _listen_unix(self.spec.socket_path)
 
     async def release(self) -> None:
         """Free everything the replica held; only once it has stopped for good."""
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+            if self.spec.socket_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.spec.socket_path.unlink()
         if self.cgroup is not None:
             warning = await self.cgroup.remove()
             if warning:
@@ -258,21 +291,34 @@ class _Replica:
             self.update(restarts=self.status.restarts + 1)
 
     async def _spawn(self) -> LaunchedProcess:
-        spec = self.spec
+        spec, config = self.spec, self.supervisor.config
         self.ensure_listener()
-        try:
-            self.log_offset = spec.log_path.stat().st_size
-        except FileNotFoundError:
-            self.log_offset = 0
+        self.log_since = log_position(spec.log_path)
+        incarnation = secrets.token_hex(8)
+        token = None
+        if self.supervisor.credentials is not None:
+            try:
+                token = self.supervisor.credentials(spec, incarnation)
+            except Exception as error:
+                raise RuntimeStartError(
+                    f"could not mint the credential of replica {spec.replica_id}: {error!r}"
+                ) from error
         request = LaunchRequest(
             spec=spec,
-            env=replica_environment(spec, port=self.status.port),
+            env=replica_environment(spec, incarnation=incarnation, token=token),
             listen_fd=self.listener.fileno() if self.listener is not None else None,
             cgroup_procs=self.cgroup.procs_files if self.cgroup is not None else (),
+            log_max_bytes=config.log_max_bytes,
+            log_keep=config.log_keep,
         )
         process = await self.supervisor.launcher.launch(request)
-        self.note(f"started process {process.pid}")
-        self.update(state=ReplicaState.STARTING, pid=process.pid, pid_start_time=process.start_time)
+        self.note(f"started process {process.pid} (incarnation {incarnation})")
+        self.update(
+            state=ReplicaState.STARTING,
+            pid=process.pid,
+            pid_start_time=process.start_time,
+            incarnation=incarnation,
+        )
         return process
 
     async def _supervise(self, process: LaunchedProcess) -> _End:
@@ -281,10 +327,9 @@ class _Replica:
         spec, probes = self.spec, self.supervisor.config.probes
         exited = self.watch.exited
         if spec.kind == "service":
-            port = self.status.port
-            assert port is not None
+            assert spec.socket_path is not None
             winner, result = await self._race(
-                exited, self._await_ready(port), name=f"readiness:{spec.replica_id}"
+                exited, self._await_ready(spec.socket_path), name=f"readiness:{spec.replica_id}"
             )
             if winner is _Outcome.STOP:
                 return _End(_Outcome.STOP)
@@ -312,10 +357,11 @@ class _Replica:
         self.tracker.became_ready()
         self.update(state=ReplicaState.READY)
         if spec.kind == "service":
-            port = self.status.port
-            assert port is not None
+            assert spec.socket_path is not None
             winner, result = await self._race(
-                exited, self._await_unhealthy(port), name=f"liveness:{spec.replica_id}"
+                exited,
+                self._await_unhealthy(spec.socket_path),
+                name=f"liveness:{spec.replica_id}",
             )
         else:
             winner, result = await self._race(exited, None, name="")
@@ -368,7 +414,7 @@ class _Replica:
         await asyncio.sleep(seconds)
         return ProbeResult(True, f"ran for {seconds:g}s")
 
-    async def _await_ready(self, port: int) -> ProbeResult:
+    async def _await_ready(self, socket_path: Path) -> ProbeResult:
         spec, probes = self.spec, self.supervisor.config.probes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.startup_timeout
@@ -376,7 +422,7 @@ class _Replica:
         while True:
             remaining = deadline - loop.time()
             result = await probe_http(
-                port, spec.health_path, within=max(0.01, min(probes.timeout, remaining))
+                socket_path, spec.health_path, within=max(0.01, min(probes.timeout, remaining))
             )
             if result.ok:
                 return result
@@ -389,14 +435,20 @@ class _Replica:
                 )
             await asyncio.sleep(min(probes.readiness_interval, remaining))
 
-    async def _await_unhealthy(self, port: int) -> ProbeResult:
+    async def _await_unhealthy(self, socket_path: Path) -> ProbeResult:
+        """Probe until ``failure_threshold`` failures in a row; the first takes the replica
+        out of rotation (UNHEALTHY), a success puts it back (READY)."""
         probes = self.supervisor.config.probes
         failures = 0
         while True:
             await asyncio.sleep(probes.liveness_interval)
-            result = await probe_http(port, self.spec.health_path, within=probes.timeout)
+            result = await probe_http(socket_path, self.spec.health_path, within=probes.timeout)
             if result.ok:
+                if failures:
+                    self.note(f"liveness probe passed again ({result.detail}); back in rotation")
+                    self.update(state=ReplicaState.READY)
                 failures = 0
+                self.tracker.still_ready()
                 continue
             failures += 1
             logger.info(
@@ -405,6 +457,10 @@ class _Replica:
             )  # fmt: skip
             if failures >= probes.failure_threshold:
                 return result
+            if failures == 1:
+                message = f"liveness probe failed: {result.detail}; out of rotation"
+                self.note(message)
+                self.update(state=ReplicaState.UNHEALTHY, last_error=message)
 
     def _ended_by_itself(self, *, was_ready: bool) -> _End:
         assert self.watch is not None
@@ -415,7 +471,7 @@ class _Replica:
                 how += f" ({ExitCode(code).describe()})"
         when = "" if was_ready else " before it was ready"
         tail = read_log_since(
-            self.spec.log_path, self.log_offset, lines=self.supervisor.config.error_log_lines
+            self.spec.log_path, self.log_since, lines=self.supervisor.config.error_log_lines
         )
         error = f"process {self.watch.pid} {how}{when}"
         if tail:
@@ -471,15 +527,27 @@ class _Replica:
         self.update(state=ReplicaState.FAILED, pid=None, pid_start_time=None, last_error=error)
 
 
-def _listen(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listen_unix(path: Path) -> socket.socket:
+    """Bind a listening unix socket at ``path`` that only our user can connect to."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()  # left by a process that is gone: nothing listens on it any more
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(0o600)
         sock.listen(1024)
-    except OSError:
+    except OSError as error:
         sock.close()
-        raise
+        raise RuntimeStartError(
+            f"cannot listen on {path}: {error.strerror or error}. Remove whatever is there, "
+            "or give the replica another socket path."
+        ) from error
     return sock
 
 
@@ -493,8 +561,10 @@ class Supervisor:
         config: SupervisorConfig | None = None,
         launcher: Launcher | None = None,
         clock: Clock | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.config = config or SupervisorConfig()
+        self.credentials = credentials
         self.launcher: Launcher = launcher or SpawnLauncher()
         self.clock: Clock = clock or SystemClock()
         self._on_change = on_change
@@ -548,19 +618,18 @@ class Supervisor:
         """Start supervising a new replica; returns at once (state STARTING).
 
         Raises `RuntimeStartError` for problems no retry can fix (the id is in use,
-        the sandbox tool is missing).
+        bubblewrap is missing, the socket path cannot be bound).
         """
         self._check_can_start(spec)
-        if spec.sandbox:
-            find_bwrap()
+        find_bwrap()
         replica = _Replica(self, spec, ReplicaStatus(spec.replica_id, ReplicaState.STARTING,
                                                      since=self.clock.time()))  # fmt: skip
-        replica.prepare(port=None)
+        replica.prepare(adopted=False)
         self._launch_task(replica, adopted=None)
         return replica.status
 
     async def adopt(
-        self, spec: ReplicaSpec, pid: int, pid_start_time: int, port: int | None
+        self, spec: ReplicaSpec, pid: int, pid_start_time: int, incarnation: str | None
     ) -> bool:
         """Re-attach to a replica process left running by a previous supervisor.
 
@@ -577,12 +646,11 @@ class Supervisor:
             since=self.clock.time(),
             pid=pid,
             pid_start_time=pid_start_time,
-            port=port,
+            incarnation=incarnation,
         )
         replica = _Replica(self, spec, status)
-        replica.prepare(port=port)
-        with contextlib.suppress(FileNotFoundError):
-            replica.log_offset = spec.log_path.stat().st_size
+        replica.prepare(adopted=True)
+        replica.log_since = log_position(spec.log_path)
         replica.note(f"adopted process {pid} after a control plane restart")
         self._launch_task(replica, adopted=LaunchedProcess(pid=pid, start_time=pid_start_time))
         return True
@@ -599,19 +667,6 @@ class Supervisor:
             await replica.release()
         self._replicas.pop(replica_id, None)
         return replica.status
-
-    def rotate_logs(self) -> list[Path]:
-        """Rotate every replica log grown past the limit; returns the rotated paths."""
-        rotated = []
-        for replica in list(self._replicas.values()):
-            path = replica.spec.log_path
-            try:
-                if rotate_log(path, max_bytes=self.config.log_max_bytes, keep=self.config.log_keep):
-                    rotated.append(path)
-                    replica.log_offset = 0
-            except OSError as error:
-                logger.warning("cannot rotate %s: %s", path, error)
-        return rotated
 
     async def close(self, *, stop_replicas: bool) -> None:
         """Stop supervising. With ``stop_replicas`` stop them all; otherwise leave them running
@@ -649,8 +704,6 @@ class Supervisor:
     def _launch_task(self, replica: _Replica, *, adopted: LaunchedProcess | None) -> None:
         self._replicas[replica.spec.replica_id] = replica
         self._publish(replica.status)
-        if self._tasks.get("log-rotation") is None:
-            self._tasks.start("log-rotation", self._rotate_logs_forever())
 
         def on_failure(error: BaseException) -> None:
             # A bug in the supervisor: do not leave a process running unsupervised.
@@ -665,11 +718,6 @@ class Supervisor:
         self._tasks.start(
             _task_name(replica.spec.replica_id), replica.run(adopted), on_failure=on_failure
         )
-
-    async def _rotate_logs_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.log_rotate_interval)
-            self.rotate_logs()
 
     def _publish(self, status: ReplicaStatus) -> None:
         if self._on_change is not None:

@@ -6,5 +6,6 @@ always safe (the control plane imports it to read its spec).
 """
 
 from clearway.sdk.app import App, Component
+from clearway.sdk.identity import identity_headers, service_url
 
-__all__ = ["App", "Component"]
+__all__ = ["App", "Component", "identity_headers", "service_url"]

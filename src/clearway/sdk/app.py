@@ -8,20 +8,20 @@ fix goes. The decorated function is returned unchanged.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from clearway.exceptions import SpecError
+from clearway.spec.ids import check_name
 from clearway.spec.model import (
     AppSpec,
     Interface,
     ServiceSpec,
     SourceLocation,
     WorkerSpec,
-    check_name,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,14 +87,19 @@ class App:
         memory_mb: int | None = None,
         cpu: float | None = None,
         sandbox: bool = False,
+        network: bool = True,
         grace_period: float = 10.0,
         timeout: float = 60.0,
         startup_timeout: float = 60.0,
+        allow: Sequence[str] = (),
     ) -> Callable[[F], F]:
         """Declare an HTTP service. The function returns an ASGI or WSGI app.
 
         ``public=True`` routes ``http://<app>.<domain>/<path>`` to it; ``health``
-        is the path probed for readiness and liveness (a TCP check otherwise).
+        is the path probed for readiness and liveness (any HTTP answer otherwise).
+        Replicas of the same revision call it at ``$CLEARWAY_SERVICE_<NAME>_URL``;
+        ``allow=["billing", "shop.api"]`` lets other apps' components call it too.
+        ``sandbox=True`` hides the host's file system; ``network=False`` gives no network.
         """
         location = _caller(1)
 
@@ -112,9 +117,11 @@ class App:
                 env=dict(env or {}),
                 resources={"memory_mb": memory_mb, "cpu": cpu},
                 sandbox=sandbox,
+                network=network,
                 grace_period=grace_period,
                 timeout=timeout,
                 startup_timeout=startup_timeout,
+                allow=list(allow),
             )
             return func
 
@@ -129,6 +136,7 @@ class App:
         memory_mb: int | None = None,
         cpu: float | None = None,
         sandbox: bool = False,
+        network: bool = True,
         grace_period: float = 10.0,
         startup_timeout: float = 60.0,
     ) -> Callable[[F], F]:
@@ -145,6 +153,7 @@ class App:
                 env=dict(env or {}),
                 resources={"memory_mb": memory_mb, "cpu": cpu},
                 sandbox=sandbox,
+                network=network,
                 grace_period=grace_period,
                 startup_timeout=startup_timeout,
             )

@@ -15,21 +15,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-API_VERSION: Literal["clearway.dev/v1"] = "clearway.dev/v1"
+from clearway.spec.ids import check_env_name, check_name
 
-DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+API_VERSION: Literal["clearway.dev/v1"] = "clearway.dev/v1"
 
 Interface = Literal["auto", "asgi", "wsgi"]
 
+#: ``"app"`` or ``"app.component"``: who may call a service (see ``ServiceSpec.allow``).
+_CALLER = re.compile(r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?(?:\.(?:[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?|\*))?")
 
-def check_name(value: str, what: str) -> str:
-    """Validate a DNS-label name, saying how to fix it."""
-    if not DNS_LABEL.match(value):
-        raise ValueError(
-            f"{what} {value!r} is not a valid name: use 1-40 lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-' (it becomes part of a host name)"
-        )
+
+def check_env(value: dict[str, str]) -> dict[str, str]:
+    """Environment variables: valid names, values without NUL (execve cannot carry it)."""
+    for key, item in value.items():
+        check_env_name(key)
+        if "\0" in item:
+            raise ValueError(f"environment variable {key!r} contains a NUL byte")
     return value
 
 
@@ -60,6 +61,9 @@ class _Component(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     sandbox: bool = False
+    """Stricter isolation: no host file system beyond system libraries (see runtime/isolation.py)."""
+    network: bool = True
+    """False: the replica gets no network at all (it still serves through the gateway)."""
     grace_period: Annotated[float, Field(ge=0, le=3600)] = 10.0
     source: SourceLocation | None = None
 
@@ -71,12 +75,7 @@ class _Component(_Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not ENV_NAME.match(key):
-                raise ValueError(
-                    f"environment variable name {key!r} is invalid: use letters, digits and '_'"
-                )
-        return value
+        return check_env(value)
 
 
 class ServiceSpec(_Component):
@@ -89,6 +88,20 @@ class ServiceSpec(_Component):
     interface: Interface = "auto"
     timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    allow: list[str] = Field(default_factory=list)
+    """Who else may call this service through its internal URL: ``"app"`` (any of
+    that app's components) or ``"app.component"``. Its own revision may always."""
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not isinstance(item, str) or not _CALLER.fullmatch(item):
+                raise ValueError(
+                    f"allow entry {item!r} must be 'app' or 'app.component' "
+                    "(lowercase names, e.g. 'billing' or 'billing.api')"
+                )
+        return value
 
     @field_validator("path")
     @classmethod
@@ -128,6 +141,11 @@ class AppSpec(_Strict):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value, "app name")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppSpec:

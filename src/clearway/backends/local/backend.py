@@ -3,13 +3,21 @@
 Each pass of ``apply``:
 
 1. turns every wanted (revision, component, index) into a ``ReplicaSpec`` with a
-   stable id ``<revision>-<component>-<index>`` and starts the ones not running;
+   stable id ``<revision>.<component>.<index>`` (`clearway.spec.ids`) and starts
+   the ones not running — each isolated (its app's uid, the platform's home
+   hidden) and, for services, listening on a unix socket in a directory only
+   the platform's user can open, so nothing reaches a replica around the gateway;
 2. marks running replicas that are no longer wanted as *draining*;
 3. builds the gateway's route table from *ready*, non-draining replicas and, if
    it changed, publishes it under a new generation;
 4. stops a draining replica only once the gateway reports a generation at least
    the one that removed it — so no request is ever routed to a stopping
    process, which is what makes deploys and scale-downs zero-downtime.
+
+The route table also carries the identities of the replicas running now
+(replica id -> incarnation) and, per internal route, who may call it: the
+gateway checks each caller's token against both, so a stopped replica's
+credential is refused as soon as the table that drops it is loaded.
 
 Stops run as named tasks (SIGTERM, drain, SIGKILL after the grace period can
 take seconds) so a pass never blocks on them; ``close`` awaits them all.
@@ -18,8 +26,10 @@ take seconds) so a pass never blocks on them; ``close`` awaits them all.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +54,7 @@ from clearway.runtime import (
     rotate_log,
     tail_log,
 )
+from clearway.spec.ids import replica_id as make_replica_id
 from clearway.spec.model import AppSpec, ServiceSpec
 
 log = logging.getLogger("clearway.backends.local")
@@ -51,12 +62,13 @@ log = logging.getLogger("clearway.backends.local")
 #: The header that pins a request to one revision (previews, canary checks).
 PIN_HEADER = "x-clearway-revision"
 
-#: Where replicas reach their own revision's services, public or private:
-#: ``http://127.0.0.1:<gateway port>/_services/<revision>/<service>/...``, a
-#: route the gateway serves only to clients on this machine. Pinned to the
-#: caller's revision, so during a deploy new code talks to new code.
+#: Where replicas reach services, public or private, with their identity token:
+#: ``http://127.0.0.1:<gateway port>/_services/<revision>/<service>/...`` is
+#: pinned to the caller's revision (during a deploy new code talks to new code);
+#: ``/_apps/<app>/<service>/...`` follows that app's traffic (cross-app calls).
 INTERNAL_HOST = "127.0.0.1"
 INTERNAL_PREFIX = "/_services"
+APPS_PREFIX = "/_apps"
 
 #: Size at which the gateway's own log and its access log are rotated, and copies kept.
 PLATFORM_LOG_MAX_BYTES = 50 * 1024 * 1024
@@ -79,9 +91,32 @@ class LocalConfig:
     domains: tuple[str, ...] = ("localhost",)
     #: Given to every replica as CLEARWAY_CONTROL_URL: its channel to the control plane.
     control_url: str | None = None
-    #: Mints the replica's CLEARWAY_REPLICA_TOKEN from (app, revision, component, replica id).
-    replica_token: Callable[[str, str, str, str], str] | None = None
+    #: Mints a replica's CLEARWAY_REPLICA_TOKEN at each process start (spec, incarnation).
+    replica_token: Callable[[ReplicaSpec, str], str] | None = None
+    #: The public key the gateway verifies replica and pin tokens with.
+    identity_key: Path | None = None
+    #: Where service replicas' unix sockets live (default: see `default_sockets_dir`).
+    sockets_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def default_sockets_dir(home: Path) -> Path:
+    """A short directory for replica sockets, private to the platform's user.
+
+    Unix socket paths are limited to 107 bytes, and ``$CLEARWAY_HOME`` can be
+    long, so the sockets live under ``/run/clearway`` (root) or ``/tmp``,
+    in a directory named after the home so two platforms never share one.
+    """
+    tag = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+    if os.geteuid() == 0 and Path("/run").is_dir():
+        return Path("/run/clearway") / tag
+    return Path("/tmp") / f"clearway-{os.geteuid()}" / tag
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 class LocalBackend:
@@ -91,8 +126,14 @@ class LocalBackend:
         (self.home / "replicas").mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.records = ReplicaRecords(self.home / "state.db")
-        self.gateway = GatewayProcess(self.home, host=config.gateway_host, port=config.gateway_port)
-        self.supervisor = Supervisor(on_change=self._on_change)
+        self.gateway = GatewayProcess(
+            self.home, host=config.gateway_host, port=config.gateway_port, identity_key=config.identity_key
+        )
+        self.sockets_dir = config.sockets_dir or default_sockets_dir(self.home)
+        if self.sockets_dir.parent.name == "clearway" or self.sockets_dir.parent.name.startswith("clearway-"):
+            _private_dir(self.sockets_dir.parent)
+        _private_dir(self.sockets_dir)
+        self.supervisor = Supervisor(on_change=self._on_change, credentials=config.replica_token)
         self._specs: dict[str, ReplicaSpec] = {}
         self._statuses: dict[str, ReplicaStatus] = {}
         self._draining: dict[str, int] = {}
@@ -101,6 +142,7 @@ class LocalBackend:
         self._wanted: dict[str, dict[str, int]] = {}
         self._workloads: dict[str, Workload] = {}
         self._routes: list[dict[str, Any]] | None = None
+        self._published_identities: dict[str, str] = {}
         self._generation = 0
         self._changed = asyncio.Event()
         self._start_errors: dict[str, str] = {}
@@ -119,7 +161,7 @@ class LocalBackend:
             adopted = False
             if record.pid is not None and record.pid_start_time is not None:
                 adopted = await self.supervisor.adopt(
-                    record.spec, record.pid, record.pid_start_time, record.port
+                    record.spec, record.pid, record.pid_start_time, record.incarnation
                 )
             if adopted:
                 log.info("re-adopted replica %s (pid %s)", record.spec.replica_id, record.pid)
@@ -168,21 +210,17 @@ class LocalBackend:
     # -- desired state ----------------------------------------------------------
     def _replica_spec(self, workload: Workload, component: str, index: int) -> ReplicaSpec:
         comp = workload.spec.component(component)
-        replica_id = f"{workload.revision}-{component}-{index}"
+        replica_id = make_replica_id(workload.revision, component, index)
+        gateway_url = f"http://{INTERNAL_HOST}:{self.config.gateway_port}"
         env = {**workload.env, **comp.env, **self.config.extra_env}
+        env["CLEARWAY_GATEWAY_URL"] = gateway_url
         for service in workload.spec.services:
             variable = "CLEARWAY_SERVICE_" + service.name.upper().replace("-", "_") + "_URL"
-            env[variable] = (
-                f"http://{INTERNAL_HOST}:{self.config.gateway_port}"
-                f"{INTERNAL_PREFIX}/{workload.revision}/{service.name}"
-            )
+            env[variable] = f"{gateway_url}{INTERNAL_PREFIX}/{workload.revision}/{service.name}"
         if self.config.control_url:
             env["CLEARWAY_CONTROL_URL"] = self.config.control_url
-        if self.config.replica_token:
-            env["CLEARWAY_REPLICA_TOKEN"] = self.config.replica_token(
-                workload.app, workload.revision, component, replica_id
-            )
         is_service = isinstance(comp, ServiceSpec)
+        socket_name = hashlib.sha256(replica_id.encode()).hexdigest()[:20] + ".sock"
         return ReplicaSpec(
             replica_id=replica_id,
             app=workload.app,
@@ -201,7 +239,12 @@ class LocalBackend:
             memory_mb=comp.resources.memory_mb,
             cpu=comp.resources.cpu,
             sandbox=comp.sandbox,
+            network=comp.network,
             startup_timeout=comp.startup_timeout,
+            uid=workload.uid,
+            gid=workload.uid,
+            hide=(self.home, self.sockets_dir),
+            socket_path=self.sockets_dir / socket_name if is_service else None,
         )
 
     def _gateway_exited(self) -> None:
@@ -256,17 +299,25 @@ class LocalBackend:
                     del self._draining[replica_id]
                     self._stop_later(replica_id)
 
-    async def converged(self) -> None:
+    async def converged(self) -> bool:
         """Wait (bounded) until the gateway has loaded the latest route table."""
         deadline = asyncio.get_running_loop().time() + CONVERGE_TIMEOUT
         while True:
             loaded = await self.gateway.generation()
             if loaded is not None and loaded >= self._generation:
-                return
+                return True
             if asyncio.get_running_loop().time() > deadline:
                 log.warning("the gateway has not loaded route generation %d yet", self._generation)
-                return
+                return False
             await asyncio.sleep(0.01)
+
+    def replica_incarnation(self, replica_id: str) -> str | None:
+        if replica_id in self._stopping or replica_id not in self._specs:
+            return None
+        status = self._statuses.get(replica_id)
+        if status is None or status.pid is None or status.state.is_terminal:
+            return None
+        return status.incarnation
 
     def _rotate_platform_logs(self) -> None:
         # The gateway appends to these files (O_APPEND), so copy-and-truncate
@@ -298,8 +349,8 @@ class LocalBackend:
             if spec.revision != revision or spec.component != component or replica_id in self._draining:
                 continue
             status = self._statuses.get(replica_id)
-            if status is not None and status.state is ReplicaState.READY and status.port:
-                endpoints.append(f"127.0.0.1:{status.port}")
+            if status is not None and status.state is ReplicaState.READY and status.socket_path:
+                endpoints.append(f"unix:{status.socket_path}")
         return sorted(endpoints)
 
     def _build_routes(self, desired: DesiredState) -> list[dict[str, Any]]:
@@ -331,23 +382,77 @@ class LocalBackend:
                             "endpoints": self._endpoints(target.revision, service.name),
                         }
                     )
-        internal = [
-            {
-                "app": workload.app,
-                "host": INTERNAL_HOST,
-                "prefix": f"{INTERNAL_PREFIX}/{workload.revision}/{service.name}",
-                "strip_prefix": True,
-                "timeout": service.timeout,
-                "pin_header": PIN_HEADER,
-                "internal": True,
-                "targets": [
-                    {"revision": workload.revision, "weight": 100, "endpoints": self._endpoints(workload.revision, service.name)}
-                ],
-            }
-            for workload in sorted(self._workloads.values(), key=lambda w: w.revision)
-            for service in workload.spec.services
-        ]
+        internal: list[dict[str, Any]] = []
+        for workload in sorted(self._workloads.values(), key=lambda w: w.revision):
+            for service in workload.spec.services:
+                # Its own revision may always call it; others only as the spec allows.
+                allow = [{"app": workload.app, "revision": workload.revision, "component": None}]
+                allow += [_allow_rule(entry) for entry in service.allow]
+                internal.append(
+                    {
+                        "app": workload.app,
+                        "host": INTERNAL_HOST,
+                        "prefix": f"{INTERNAL_PREFIX}/{workload.revision}/{service.name}",
+                        "strip_prefix": True,
+                        "timeout": service.timeout,
+                        "pin_header": PIN_HEADER,
+                        "internal": True,
+                        "allow": allow,
+                        "targets": [
+                            {
+                                "revision": workload.revision,
+                                "weight": 100,
+                                "endpoints": self._endpoints(workload.revision, service.name),
+                            }
+                        ],
+                    }
+                )
+        # App-level internal routes follow each app's traffic split (cross-app calls).
+        for app, targets in sorted(desired.traffic.items()):
+            by_service: dict[str, dict[str, Any]] = {}
+            for target in targets:
+                workload = self._workloads.get(target.revision)
+                if workload is None:
+                    continue
+                for service in workload.spec.services:
+                    route = by_service.setdefault(
+                        service.name,
+                        {
+                            "app": app,
+                            "host": INTERNAL_HOST,
+                            "prefix": f"{APPS_PREFIX}/{app}/{service.name}",
+                            "strip_prefix": True,
+                            "timeout": service.timeout,
+                            "pin_header": PIN_HEADER,
+                            "internal": True,
+                            "allow": [{"app": app, "revision": None, "component": None}],
+                            "targets": [],
+                        },
+                    )
+                    if target.weight > 0:
+                        route["allow"] += [
+                            rule for rule in map(_allow_rule, service.allow) if rule not in route["allow"]
+                        ]
+                    route["targets"].append(
+                        {
+                            "revision": target.revision,
+                            "weight": target.weight,
+                            "endpoints": self._endpoints(target.revision, service.name),
+                        }
+                    )
+            internal.extend(by_service[name] for name in sorted(by_service))
         return [*routes.values(), *internal]
+
+    def _identities(self) -> dict[str, str]:
+        """Replica id -> incarnation of every replica process running now."""
+        return {
+            replica_id: status.incarnation
+            for replica_id in self._specs
+            if replica_id not in self._draining
+            and (status := self._statuses.get(replica_id)) is not None
+            and status.incarnation is not None
+            and status.pid is not None
+        }
 
     def _table(self, routes: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -355,14 +460,17 @@ class LocalBackend:
             "generation": self._generation,
             "domains": list(self.config.domains),
             "routes": routes,
+            "identities": self._identities(),
         }
 
     async def _publish(self, desired: DesiredState) -> None:
         routes = self._build_routes(desired)
-        if routes == self._routes:
+        identities = self._identities()
+        if routes == self._routes and identities == self._published_identities:
             return
         self._generation += 1
         self._routes = routes
+        self._published_identities = identities
         self.gateway.write_routes(self._table(routes))
         self.gateway.reload()
 
@@ -374,9 +482,10 @@ class LocalBackend:
             for component, count in wanted.items():
                 ready, error, last_error = 0, None, None
                 for index in range(count):
-                    status = self._statuses.get(f"{revision}-{component}-{index}")
+                    replica_id = make_replica_id(revision, component, index)
+                    status = self._statuses.get(replica_id)
                     if status is None:
-                        start_error = self._start_errors.get(f"{revision}-{component}-{index}")
+                        start_error = self._start_errors.get(replica_id)
                         if start_error and error is None:
                             error = start_error
                         continue
@@ -408,7 +517,7 @@ class LocalBackend:
                     component=spec.component,
                     state=state,
                     pid=status.pid if status else None,
-                    endpoint=f"127.0.0.1:{status.port}" if status and status.port else None,
+                    endpoint=f"unix:{status.socket_path}" if status and status.socket_path else None,
                     restarts=status.restarts if status else 0,
                     error=status.last_error if status else None,
                 )
@@ -463,3 +572,9 @@ class LocalBackend:
 
     async def metrics(self) -> str:
         return await self.gateway.metrics()
+
+
+def _allow_rule(entry: str) -> dict[str, str | None]:
+    """``"app"`` or ``"app.component"`` (``ServiceSpec.allow``) as a gateway allow rule."""
+    app, _, component = entry.partition(".")
+    return {"app": app, "revision": None, "component": component if component not in ("", "*") else None}

@@ -34,10 +34,20 @@ START_TIMEOUT = 20.0
 
 
 class GatewayProcess:
-    def __init__(self, home: Path, *, host: str, port: int, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        host: str,
+        port: int,
+        identity_key: Path | None = None,
+        python: str = sys.executable,
+    ) -> None:
         self.home = home
         self.host = host
         self.port = port
+        #: The public key that verifies replica and pin tokens (None: internal routes refuse all).
+        self.identity_key = identity_key
         self.python = python
         self.routes_path = home / "routes.json"
         self.admin_socket = home / "gateway.sock"
@@ -71,8 +81,9 @@ class GatewayProcess:
         pid, start = record.get("pid"), record.get("start_time")
         if not isinstance(pid, int) or not is_alive(pid, start):
             return False
-        if (record.get("host"), record.get("port")) != (self.host, self.port):
-            # The platform was restarted on another port: replace the gateway.
+        wanted = (self.host, self.port, str(self.identity_key) if self.identity_key else None)
+        if (record.get("host"), record.get("port"), record.get("identity_key")) != wanted:
+            # Restarted on another port, or with other keys: replace the gateway.
             os.kill(pid, signal.SIGTERM)
             return False
         self._watch(pid)
@@ -94,7 +105,9 @@ class GatewayProcess:
             "--access-log",
             str(self.access_log),
         ]
-        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self.identity_key is not None:
+            argv += ["--identity-key", str(self.identity_key)]
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             # posix_spawn rather than Popen: the gateway is meant to outlive us,
             # and a Popen object would complain when dropped with it running.
@@ -126,7 +139,14 @@ class GatewayProcess:
             await asyncio.sleep(0.05)
         self._watch(pid, watch)
         tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": pid, "start_time": self._start_time, "host": self.host, "port": self.port}))
+        record = {
+            "pid": pid,
+            "start_time": self._start_time,
+            "host": self.host,
+            "port": self.port,
+            "identity_key": str(self.identity_key) if self.identity_key else None,
+        }
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, self.record_path)
 
     def _watch(self, pid: int, watch: ProcessWatch | None = None) -> None:

@@ -1,7 +1,7 @@
 """Replica records: the runtime facts a restarted control plane needs.
 
 The control plane's store holds desired state; this table holds what the local
-backend launched — each replica's spec, pid, pid start time and port — written
+backend launched — each replica's spec, pid, pid start time and incarnation — written
 on every status change. After a ``kill -9`` of the control plane, replicas keep
 running (they are in their own sessions); on restart, each record is handed to
 ``Supervisor.adopt``, which checks the pid and its start time before trusting it.
@@ -16,13 +16,14 @@ from pathlib import Path
 
 from clearway.runtime import ReplicaSpec, ReplicaStatus
 
+# v2: unix sockets and incarnations replaced TCP ports; v1 rows are not adoptable.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS local_replicas (
+CREATE TABLE IF NOT EXISTS local_replicas_v2 (
     id TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
     pid INTEGER,
     pid_start_time INTEGER,
-    port INTEGER,
+    incarnation TEXT,
     state TEXT NOT NULL
 );
 """
@@ -33,7 +34,7 @@ class ReplicaRecord:
     spec: ReplicaSpec
     pid: int | None
     pid_start_time: int | None
-    port: int | None
+    incarnation: str | None
 
 
 class ReplicaRecords:
@@ -48,7 +49,7 @@ class ReplicaRecords:
     def put_spec(self, spec: ReplicaSpec) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO local_replicas(id, spec, state) VALUES(?,?,'starting') "
+                "INSERT INTO local_replicas_v2(id, spec, state) VALUES(?,?,'starting') "
                 "ON CONFLICT(id) DO UPDATE SET spec=excluded.spec",
                 (spec.replica_id, spec.to_json()),
             )
@@ -56,24 +57,24 @@ class ReplicaRecords:
     def put_status(self, status: ReplicaStatus) -> None:
         with self._lock:
             if status.state.is_terminal:
-                self._db.execute("DELETE FROM local_replicas WHERE id=?", (status.replica_id,))
+                self._db.execute("DELETE FROM local_replicas_v2 WHERE id=?", (status.replica_id,))
                 return
             self._db.execute(
-                "UPDATE local_replicas SET pid=?, pid_start_time=?, port=?, state=? WHERE id=?",
-                (status.pid, status.pid_start_time, status.port, status.state.value, status.replica_id),
+                "UPDATE local_replicas_v2 SET pid=?, pid_start_time=?, incarnation=?, state=? WHERE id=?",
+                (status.pid, status.pid_start_time, status.incarnation, status.state.value, status.replica_id),
             )
 
     def delete(self, replica_id: str) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM local_replicas WHERE id=?", (replica_id,))
+            self._db.execute("DELETE FROM local_replicas_v2 WHERE id=?", (replica_id,))
 
     def all(self) -> list[ReplicaRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT spec, pid, pid_start_time, port FROM local_replicas"
+                "SELECT spec, pid, pid_start_time, incarnation FROM local_replicas_v2"
             ).fetchall()
         return [
-            ReplicaRecord(spec=ReplicaSpec.from_json(r[0]), pid=r[1], pid_start_time=r[2], port=r[3])
+            ReplicaRecord(spec=ReplicaSpec.from_json(r[0]), pid=r[1], pid_start_time=r[2], incarnation=r[3])
             for r in rows
         ]
 

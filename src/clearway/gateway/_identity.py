@@ -1,0 +1,344 @@
+"""Who is calling, and may they: replica identities, internal-route policy, pin grants.
+
+Why this exists: a private service used to be reachable by any process on the
+machine, because the gateway trusted the loopback source address.  Now a
+caller proves *which replica it is* with the credential the platform gave it
+(``x-clearway-identity``: a replica JWT, EdDSA, audience ``clearway:replica``)
+and each internal route says which callers it accepts.  Likewise the revision
+pin header, which reaches a revision even at weight 0 (a canary before it gets
+traffic), is honoured only with a pin token the platform issued to an operator
+(``x-clearway-pin-token``, audience ``clearway:pin``).
+
+Decisions and their reasons:
+
+* **Two checks for a replica token**: its signature and expiry (PyJWT, against
+  the public key given with ``--identity-key``), *and* its (replica,
+  incarnation) pair being in the route table's ``identities``.  The second
+  makes a stopped replica's token useless at once, though it has not expired.
+* **A cache of verified tokens**, keyed by the token string: an Ed25519
+  verification costs tens of microseconds, a request through the gateway
+  about thirty in all, so a keep-alive client must not pay one per request.
+  A hit costs one dict lookup and one comparison with the token's expiry.
+  Entries are checked against the identities table when it changes
+  (:meth:`IdentityVerifier.set_identities` drops revoked ones), so a hit never
+  needs the table.  The cache is bounded (oldest entries are dropped first).
+  Failures are not cached: a forged token pays a verification every time,
+  which is the forger's cost, not the honest callers'.
+* **401 vs 403**: no credential, or one that is forged, expired or revoked,
+  is a 401 (the caller must get a credential); a valid caller the route does
+  not allow is a 403 that names caller and target (the policy must change).
+  A pin header without a valid pin token is a 403.
+* Nothing here touches sockets: :func:`check_caller` and :func:`check_pin`
+  take header values and return a decision, so the policy is tested directly.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from clearway.exceptions import ClearwayError
+
+from ._routes import AllowRule
+
+__all__ = [
+    "CALLER_HEADER",
+    "IDENTITY_HEADER",
+    "PIN_TOKEN_HEADER",
+    "Caller",
+    "Denial",
+    "IdentityKeyError",
+    "IdentityVerifier",
+    "PinGrant",
+    "check_caller",
+    "check_pin",
+]
+
+#: The caller's replica JWT (stripped before forwarding).
+IDENTITY_HEADER = b"x-clearway-identity"
+#: The operator's pin JWT that makes the pin header count (stripped before forwarding).
+PIN_TOKEN_HEADER = b"x-clearway-pin-token"
+#: Set by the gateway on internal routes: ``app/revision/component`` of the verified caller.
+CALLER_HEADER = b"x-clearway-caller"
+
+ISSUER = "clearway"
+REPLICA_AUDIENCE = "clearway:replica"
+PIN_AUDIENCE = "clearway:pin"
+ALGORITHMS = ["EdDSA"]
+#: Verified tokens kept; a gateway sees one token per running replica (they
+#: are renewed about hourly), so this is far more than a machine needs.
+MAX_CACHED_TOKENS = 4096
+#: What app, revision and component names look like (``clearway.spec.ids`` is stricter).
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+class IdentityKeyError(ClearwayError):
+    """The public key for verifying replica and pin tokens cannot be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A verified replica identity (from the claims of its token)."""
+
+    replica: str
+    incarnation: str
+    app: str
+    revision: str
+    component: str
+    #: The token's ``exp`` (seconds since the epoch).
+    expires: float
+    #: ``app/revision/component`` as sent upstream in ``x-clearway-caller``.
+    header: bytes
+
+    def describe(self) -> str:
+        return f"{self.app}/{self.revision}/{self.component} (replica {self.replica})"
+
+
+@dataclass(frozen=True, slots=True)
+class PinGrant:
+    """A verified pin token: it lets its holder reach ``revision`` of ``app``."""
+
+    app: str
+    revision: str
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A refused request: the status, a metrics label, and the message for the client."""
+
+    status: int
+    #: Short and from a fixed set, so that it can be a metrics label.
+    reason: str
+    message: str
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """The Ed25519 public key in the PEM file ``path`` (raises :class:`IdentityKeyError`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise IdentityKeyError(f"cannot read the identity key {path}: {exc.strerror or exc}") from exc
+    try:
+        key = load_pem_public_key(data)
+    except ValueError as exc:
+        raise IdentityKeyError(
+            f"the identity key {path} is not a PEM public key ({exc}); "
+            "pass the platform's keys/signing.pub.pem"
+        ) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise IdentityKeyError(
+            f"the identity key {path} is a {type(key).__name__}, not an Ed25519 key; "
+            "pass the platform's keys/signing.pub.pem"
+        )
+    return key
+
+
+class IdentityVerifier:
+    """Verifies replica and pin tokens, caching the good ones."""
+
+    __slots__ = ("_callers", "_clock", "_identities", "_key", "_max_cached", "_pins")
+
+    def __init__(
+        self,
+        key: Ed25519PublicKey | None,
+        *,
+        identities: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        max_cached: int = MAX_CACHED_TOKENS,
+    ) -> None:
+        self._key = key
+        self._identities: Mapping[str, str] = identities if identities is not None else {}
+        self._clock = clock
+        self._max_cached = max_cached
+        self._callers: dict[bytes, Caller] = {}
+        self._pins: dict[bytes, PinGrant] = {}
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    @property
+    def cached(self) -> int:
+        """Tokens in the cache (for tests and introspection)."""
+        return len(self._callers) + len(self._pins)
+
+    def set_identities(self, identities: Mapping[str, str]) -> None:
+        """Honour replica tokens of exactly these (replica -> incarnation) pairs from now on."""
+        self._identities = identities
+        self._callers = {
+            token: caller
+            for token, caller in self._callers.items()
+            if identities.get(caller.replica) == caller.incarnation
+        }
+
+    def set_key(self, key: Ed25519PublicKey | None) -> None:
+        """Verify with ``key`` from now on; if it differs (rotation), forget every cached verification."""
+        if _raw(key) == _raw(self._key):
+            return
+        self._key = key
+        self._callers.clear()
+        self._pins.clear()
+
+    def caller(self, token: bytes) -> Caller | Denial:
+        """The replica ``token`` identifies, or why it does not identify one (401)."""
+        caller = self._callers.get(token)
+        if caller is not None:
+            if caller.expires > self._clock():
+                return caller
+            del self._callers[token]
+            return _unauthenticated("expired", "The x-clearway-identity token has expired; renew it.")
+        claims = self._decode(token, REPLICA_AUDIENCE, "x-clearway-identity token")
+        if isinstance(claims, tuple):
+            return _unauthenticated(*claims)
+        fields = _string_claims(claims, ("sub", "inc", "app", "rev", "comp"))
+        if fields is None:
+            return _unauthenticated(
+                "invalid", "The x-clearway-identity token lacks the sub, inc, app, rev or comp claim."
+            )
+        replica, incarnation, app, revision, component = fields
+        if not all(_NAME.fullmatch(v) for v in (app, revision, component)):
+            # They go into an upstream header: never let a claim carry CR/LF or worse.
+            return _unauthenticated("invalid", "The x-clearway-identity token names no valid app, rev or comp.")
+        if self._identities.get(replica) != incarnation:
+            return _unauthenticated(
+                "revoked",
+                f"The x-clearway-identity token of replica {replica} is no longer valid: "
+                "that replica (incarnation) is not running any more.",
+            )
+        caller = Caller(
+            replica=replica,
+            incarnation=incarnation,
+            app=app,
+            revision=revision,
+            component=component,
+            expires=float(claims["exp"]),
+            header=f"{app}/{revision}/{component}".encode("ascii"),
+        )
+        _remember(self._callers, token, caller, self._max_cached)
+        return caller
+
+    def pin(self, token: bytes) -> PinGrant | Denial:
+        """The pin ``token`` grants, or why it grants nothing."""
+        grant = self._pins.get(token)
+        if grant is not None:
+            if grant.expires > self._clock():
+                return grant
+            del self._pins[token]
+            return _pin_denied("pin-token-expired", "The x-clearway-pin-token has expired; ask for a new one.")
+        claims = self._decode(token, PIN_AUDIENCE, "x-clearway-pin-token")
+        if isinstance(claims, tuple):
+            return _pin_denied(f"pin-token-{claims[0]}", claims[1])
+        fields = _string_claims(claims, ("app", "rev"))
+        if fields is None:
+            return _pin_denied("pin-token-invalid", "The x-clearway-pin-token lacks the app or rev claim.")
+        grant = PinGrant(app=fields[0], revision=fields[1], expires=float(claims["exp"]))
+        _remember(self._pins, token, grant, self._max_cached)
+        return grant
+
+    def _decode(self, token: bytes, audience: str, what: str) -> dict[str, Any] | tuple[str, str]:
+        """The verified claims, or (reason, message) saying why there are none."""
+        if self._key is None:
+            return ("no-key", "This gateway was started without --identity-key, so it cannot verify credentials.")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=ALGORITHMS,
+                audience=audience,
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            return ("expired", f"The {what} has expired; get a new one.")
+        except jwt.InvalidTokenError as exc:
+            return ("invalid", f"The {what} is not valid ({exc}).")
+        # ``exp`` is checked by PyJWT against the real clock; the cache checks
+        # it against ours, so a token must also be current by ours.
+        if float(claims["exp"]) <= self._clock():
+            return ("expired", f"The {what} has expired; get a new one.")
+        return claims
+
+
+def check_caller(
+    verifier: IdentityVerifier,
+    token: bytes | None,
+    allow: tuple[AllowRule, ...],
+    target: str,
+) -> Caller | Denial:
+    """Decide an internal-route request carrying identity ``token`` (None: no header).
+
+    ``target`` names the route in messages (``"app 'shop', path /_services/..."``).
+    """
+    if token is None:
+        return _unauthenticated(
+            "missing",
+            f"{target} is internal: send the replica's credential (CLEARWAY_REPLICA_TOKEN) "
+            "in the x-clearway-identity header.",
+        )
+    caller = verifier.caller(token)
+    if isinstance(caller, Denial):
+        return caller
+    for rule in allow:
+        if rule.allows(caller.app, caller.revision, caller.component):
+            return caller
+    return Denial(
+        403,
+        "not-allowed",
+        f"{caller.describe()} may not call {target}: the service's policy does not allow "
+        f"app {caller.app!r} (revision {caller.revision}, component {caller.component}). "
+        "Allow the caller in the service's spec.",
+    )
+
+
+def check_pin(verifier: IdentityVerifier, token: bytes | None, app: str, revision: str) -> Denial | None:
+    """Whether a request pinned to ``revision`` of ``app`` may be (None: yes)."""
+    if token is None:
+        return _pin_denied(
+            "pin-without-token",
+            f"Pinning app {app!r} to revision {revision} needs a pin token in the x-clearway-pin-token "
+            "header (`POST /v1/revisions/{id}/pin-token`).",
+        )
+    grant = verifier.pin(token)
+    if isinstance(grant, Denial):
+        return grant
+    if grant.app != app or grant.revision != revision:
+        return _pin_denied(
+            "pin-token-mismatch",
+            f"The x-clearway-pin-token is for app {grant.app!r} revision {grant.revision}, "
+            f"not app {app!r} revision {revision}.",
+        )
+    return None
+
+
+def _unauthenticated(reason: str, message: str) -> Denial:
+    return Denial(401, reason, message)
+
+
+def _pin_denied(reason: str, message: str) -> Denial:
+    return Denial(403, reason, message)
+
+
+def _string_claims(claims: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str, ...] | None:
+    values = tuple(claims.get(name) for name in names)
+    if all(isinstance(v, str) and v for v in values):
+        return values  # type: ignore[return-value]  # all str, checked above
+    return None
+
+
+def _raw(key: Ed25519PublicKey | None) -> bytes | None:
+    return key.public_bytes_raw() if key is not None else None
+
+
+def _remember(cache: dict[bytes, Any], token: bytes, value: Any, limit: int) -> None:
+    while len(cache) >= limit:
+        del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
+    cache[token] = value

@@ -1,0 +1,94 @@
+"""Names and the ids composed from them: one typed constructor each.
+
+Every id the platform derives from user-chosen names goes through this module,
+because ids composed by hand collide: with ``-`` as the only separator, app
+``b`` with component ``x-2-y`` and app ``b-1-x`` with component ``y`` both
+made replica ``b-1-x-2-y-0``, and the second was never started.
+
+The rules that make composition unambiguous:
+
+* a *name* (app, component) is a DNS label: lowercase letters, digits and
+  ``-``; it never contains ``.``;
+* a revision id is ``<app>-<number>``; the number is the part after the last
+  ``-`` and is always decimal, so two apps never share a revision id;
+* a replica id is ``<revision>.<component>.<index>``: ``.`` appears in no
+  name, so the three parts are recovered by splitting on it.
+
+Patterns are applied with ``fullmatch``: ``re.match`` with ``$`` accepts a
+trailing newline (``App("name\\n")`` used to pass and then broke the CLI).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NewType
+
+__all__ = [
+    "AppName",
+    "ComponentName",
+    "ReplicaId",
+    "RevisionId",
+    "check_env_name",
+    "check_name",
+    "parse_replica_id",
+    "replica_id",
+    "revision_id",
+]
+
+AppName = NewType("AppName", str)
+ComponentName = NewType("ComponentName", str)
+RevisionId = NewType("RevisionId", str)
+ReplicaId = NewType("ReplicaId", str)
+
+#: A DNS label of at most 40 characters (it becomes part of host names).
+_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_name(value: object, what: str) -> str:
+    """Validate an app or component name, saying how to fix it."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid name: use 1-40 lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-' (it becomes part of a host name)"
+        )
+    return value
+
+
+def check_env_name(value: object) -> str:
+    """Validate an environment variable name (``[A-Za-z_][A-Za-z0-9_]*``)."""
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            f"environment variable name {value!r} is invalid: use letters, digits and '_', "
+            "not starting with a digit"
+        )
+    return value
+
+
+def revision_id(app: str, number: int) -> RevisionId:
+    check_name(app, "app name")
+    if number < 1:
+        raise ValueError(f"revision numbers start at 1, got {number}")
+    return RevisionId(f"{app}-{number}")
+
+
+def replica_id(revision: str, component: str, index: int) -> ReplicaId:
+    app, sep, number = revision.rpartition("-")
+    if not sep or not number.isdecimal() or str(int(number)) != number or number == "0":
+        raise ValueError(f"{revision!r} is not a revision id (<app>-<number>)")
+    check_name(app, "app name")
+    check_name(component, "component name")
+    if index < 0:
+        raise ValueError(f"replica index must be >= 0, got {index}")
+    return ReplicaId(f"{revision}.{component}.{index}")
+
+
+def parse_replica_id(value: str) -> tuple[RevisionId, ComponentName, int]:
+    """The inverse of `replica_id`; raises ``ValueError`` for anything else."""
+    parts = value.split(".")
+    if len(parts) != 3 or not parts[2].isdecimal():
+        raise ValueError(f"{value!r} is not a replica id (<app>-<number>.<component>.<index>)")
+    revision, component, index = parts[0], parts[1], int(parts[2])
+    if replica_id(revision, component, index) != value:
+        raise ValueError(f"{value!r} is not a canonical replica id")
+    return RevisionId(revision), ComponentName(component), index

@@ -1,0 +1,76 @@
+"""A fake of the backend protocol for control-plane tests: it runs nothing.
+
+It records what the control plane asks for and answers with what the test set:
+readiness per revision, whether the data plane confirms (`converged`), and
+which incarnation each replica runs with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from clearway.backends.base import (
+    ComponentObservation,
+    DesiredState,
+    ReplicaInfo,
+    RevisionObservation,
+)
+from clearway.spec.model import AppSpec
+
+
+@dataclass
+class FakeBackend:
+    applied: list[DesiredState] = field(default_factory=list)
+    #: Revisions reported ready (every component at its desired count).
+    ready: set[str] = field(default_factory=set)
+    #: What `converged` answers.
+    confirms: bool = True
+    incarnations: dict[str, str] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        pass
+
+    async def apply(self, desired: DesiredState) -> None:
+        self.applied.append(desired)
+
+    async def converged(self) -> bool:
+        return self.confirms
+
+    def replica_incarnation(self, replica_id: str) -> str | None:
+        return self.incarnations.get(replica_id)
+
+    def observe(self) -> Mapping[str, RevisionObservation]:
+        if not self.applied:
+            return {}
+        seen = {}
+        for workload in self.applied[-1].workloads:
+            ready = workload.revision in self.ready
+            seen[workload.revision] = RevisionObservation(
+                workload.revision,
+                {n: ComponentObservation(desired=c, ready=c if ready else 0) for n, c in workload.replicas.items()},
+            )
+        return seen
+
+    def replicas(self, app: str) -> list[ReplicaInfo]:
+        return []
+
+    def urls(self, spec: AppSpec) -> list[str]:
+        return [f"http://{spec.name}.localhost:8080/"]
+
+    async def logs(
+        self, app: str, *, revision: str | None, component: str | None, tail: int, follow: bool
+    ) -> AsyncIterator[str]:
+        lines: tuple[str, ...] = ()
+        for line in lines:
+            yield line
+
+    async def metrics(self) -> str:
+        return ""
+
+    async def close(self, *, stop_workloads: bool) -> None:
+        pass
+
+    def traffic(self, app: str) -> dict[str, int]:
+        """The last applied traffic split of ``app``."""
+        return {t.revision: t.weight for t in self.applied[-1].traffic.get(app, [])}
