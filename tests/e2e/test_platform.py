@@ -408,3 +408,27 @@ def web():
             return replies
 
     assert asyncio.run(talk()) == ["echo: one", "echo: two"]
+
+
+def test_a_revision_the_data_plane_never_confirms_fails_and_is_never_made_active(
+    platform: Platform, tmp_path: Path
+) -> None:
+    project = write_app(tmp_path / "demo", asgi_app("good", replicas=1))
+    platform.cli("deploy", str(project))
+    gateway_pid = int(json.loads((platform.home / "gateway.json").read_text())["pid"])
+    write_app(project, asgi_app("never served", replicas=1).replace("health=\"/healthz\"", "health=\"/healthz\", startup_timeout=2"))
+    # A frozen gateway loads no route table: the new revision's replicas become
+    # ready, but no table that serves them is ever confirmed.
+    os.kill(gateway_pid, signal.SIGSTOP)
+    try:
+        result = platform.cli("deploy", str(project), check=False)
+    finally:
+        os.kill(gateway_pid, signal.SIGCONT)
+    assert result.returncode == 1, result
+    assert "did not confirm serving it" in result.stderr, result.stderr
+    revisions = {r["id"]: r for r in platform.status("demo")["revisions"]}
+    assert revisions["demo-2"]["state"] == "failed" and revisions["demo-2"]["activated_at"] is None, revisions
+    assert platform.status("demo")["active_revision"] == "demo-1"
+    deadline = time.monotonic() + 60
+    while (text := platform.get("demo").text) != "good":
+        assert time.monotonic() < deadline, text

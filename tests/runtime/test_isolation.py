@@ -229,15 +229,16 @@ async def test_sandbox_shows_no_home_or_root(start: Any) -> None:
     assert await replica.get("/ls", path="/var") == "refused: FileNotFoundError"
 
 
-async def test_sandbox_without_network_cannot_reach_a_local_listener(start: Any) -> None:
+@pytest.mark.parametrize("sandbox", [True, False])
+async def test_without_network_a_replica_cannot_reach_a_local_listener(start: Any, sandbox: bool) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     port = str(listener.getsockname()[1])
     try:
-        open_replica = await start(sandbox=True)
+        open_replica = await start(sandbox=sandbox)
         assert await open_replica.get("/connect", to=port) == "connected"
-        closed = await start(sandbox=True, network=False)
+        closed = await start(sandbox=sandbox, network=False)
         assert await closed.get("/connect", to=port) == "refused: ConnectionRefusedError"
     finally:
         listener.close()

@@ -31,9 +31,11 @@ What each view shows:
   directories (``/usr`` and the ``/bin``, ``/lib*``, ``/sbin`` links or
   directories), the few ``/etc`` files programs need to run and resolve names,
   and the paths above. ``/home``, ``/root``, ``/var``, ``/srv``, ``/opt``... do
-  not exist. ``network=False`` adds an empty network namespace (loopback only):
-  a service still accepts connections on the unix socket it inherited, but
-  cannot reach anything, not even the control plane.
+  not exist.
+
+``network=False`` (with either view) adds an empty network namespace (loopback
+only): a service still accepts connections on the unix socket it inherited,
+but cannot reach anything, not even the control plane or other services.
 
 What it protects against: reading or writing the platform's state and other
 apps' files (mount namespace + uid + file modes), seeing or signalling other
@@ -110,7 +112,7 @@ class Isolation:
     strict: bool = False
     """sandbox=True: no host "/" at all, only system dirs and the above."""
     network: bool = True
-    """Strict only: False adds ``--unshare-net``."""
+    """False adds ``--unshare-net``: an empty network namespace (loopback only)."""
     hostname: str | None = None
 
 
@@ -230,7 +232,7 @@ def isolated_argv(isolation: Isolation, command: list[str]) -> list[str]:
     ]  # fmt: skip
     if isolation.hostname:
         argv += ["--hostname", isolation.hostname[:63]]
-    if isolation.strict and not isolation.network:
+    if not isolation.network:
         argv.append("--unshare-net")
     if _drops_privileges(isolation):
         assert isolation.uid is not None
