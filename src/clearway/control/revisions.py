@@ -34,19 +34,17 @@ import json
 import os
 import shutil
 import signal
-import site
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import clearway
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.store import DEFAULT_UID_BASE, Revision, Store
 from clearway.control.uploads import DIR_MODE, UploadLimits, unpack
 from clearway.exceptions import APIError, RuntimeStartError
-from clearway.runtime.isolation import Isolation, isolated_argv
+from clearway.runtime.isolation import Isolation, import_roots, isolated_argv
 from clearway.spec.model import AppSpec
 
 #: How long importing the user's app to read its spec may take.
@@ -171,7 +169,7 @@ class RevisionBuilder:
             uid=uid,
             gid=uid,
             hide=(self.home.resolve(),),
-            read_only=(*_import_roots(self.python), code_dir.resolve()),
+            read_only=(*import_roots(self.python), code_dir.resolve()),
             writable=(workdir,),
             workdir=workdir,
         )
@@ -331,18 +329,3 @@ def _own(root: Path, gid: int | None) -> None:
                 if gid is not None:
                     os.chown(path, 0, gid)
                 path.chmod(0o750 if path.stat().st_mode & 0o100 else 0o640)
-
-
-def _import_roots(python: str) -> tuple[Path, ...]:
-    """What the interpreter needs to import clearway: its prefix, the venv it runs
-    from, site-packages and clearway's own import root (an editable install
-    points outside them). Bound read-only, so they show through a hidden home."""
-    roots = {
-        Path(python).resolve().parent.parent,
-        Path(python).absolute().parent.parent,
-        Path(sys.prefix),
-        Path(sys.base_prefix),
-        *(Path(p) for p in site.getsitepackages()),
-        Path(clearway.__file__).resolve().parent.parent,
-    }
-    return tuple(sorted(r.resolve() for r in roots if r.is_dir()))

@@ -69,7 +69,7 @@ from pathlib import Path
 from clearway.exceptions import RuntimeStartError
 from clearway.runtime.spec import ReplicaSpec
 
-__all__ = ["Isolation", "find_bwrap", "isolated_argv", "replica_isolation"]
+__all__ = ["Isolation", "find_bwrap", "import_roots", "isolated_argv", "replica_isolation"]
 
 #: System directories shown by the strict view (as links when they are links on the host).
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -251,7 +251,7 @@ def isolated_argv(isolation: Isolation, command: list[str]) -> list[str]:
     return argv + command
 
 
-def _import_roots(python: str) -> list[Path]:
+def import_roots(python: str) -> list[Path]:
     """What the interpreter needs: its real prefix, the venv it is called through, our
     site-packages, and clearway's own import root (an editable install points outside
     both). Not ``sys.path`` as a whole: it holds the current directory."""
@@ -275,7 +275,7 @@ def replica_isolation(spec: ReplicaSpec) -> Isolation:
         uid=spec.uid,
         gid=spec.gid if spec.gid is not None else spec.uid,
         hide=tuple(p.resolve() for p in spec.hide),
-        read_only=(*_import_roots(spec.python), spec.code_dir.resolve()),
+        read_only=(*import_roots(spec.python), spec.code_dir.resolve()),
         writable=(workdir,),
         workdir=workdir,
         strict=spec.sandbox,
