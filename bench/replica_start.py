@@ -49,7 +49,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clearway.runtime import ReplicaSpec, ReplicaState, ReplicaStatus, Supervisor
@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway import cpu_seconds
 
 APP = textwrap.dedent(
-    '''\
+    """\
     import clearway as cw
 
     app = cw.App("hello")
@@ -79,7 +79,7 @@ APP = textwrap.dedent(
             return PlainTextResponse("hello")
 
         return Starlette(routes=[Route("/", hello)])
-    '''
+    """
 )
 
 #: A uid in the range the platform gives apps (`clearway.control.store.DEFAULT_UID_BASE`
@@ -88,10 +88,12 @@ DEFAULT_UID = 499_000
 STARTUP_TIMEOUT = 60.0
 
 
+@dataclass(frozen=True)
 class Sample:
-    def __init__(self, wall: float, cpu: float) -> None:
-        self.wall = wall
-        self.cpu = cpu
+    wall: float
+    """Seconds from spawn to the first successful readiness probe."""
+    cpu: float
+    """CPU seconds of the replica's process tree at that moment."""
 
 
 class TimedLauncher:
@@ -154,7 +156,9 @@ class Bench:
         spec = self.spec(variant, uid=self.uid, gid=self.uid, **changes)
         await self.supervisor.start(spec)
         try:
-            await self.supervisor.wait_for(spec.replica_id, ReplicaState.READY, within=STARTUP_TIMEOUT)
+            await self.supervisor.wait_for(
+                spec.replica_id, ReplicaState.READY, within=STARTUP_TIMEOUT
+            )
         finally:
             await self.supervisor.stop(spec.replica_id)
         ready_at, cpu = self.ready[spec.replica_id]
@@ -179,17 +183,30 @@ class Bench:
         argv = [spec.python, "-m", "clearway.runtime.replica"]
         if isolated:
             # As the launcher does: bwrap dies on SIGTERM, so it starts with SIGTERM ignored.
-            argv = ["/bin/sh", "-c", 'trap "" TERM; exec "$@"', "sh", *isolated_argv(replica_isolation(spec), argv)]
+            argv = [
+                "/bin/sh",
+                "-c",
+                'trap "" TERM; exec "$@"',
+                "sh",
+                *isolated_argv(replica_isolation(spec), argv),
+            ]
         socket_copy = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, str(spec.log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640),
+            (
+                os.POSIX_SPAWN_OPEN,
+                1,
+                str(spec.log_path),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                0o640,
+            ),
             (os.POSIX_SPAWN_DUP2, 1, 2),
             (os.POSIX_SPAWN_DUP2, socket_copy, LISTEN_FD),
         ]
         try:
             started = time.perf_counter()
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+            # posix_spawn returns as soon as the child exists (vfork-style): it does not block.
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)  # noqa: ASYNC221
         finally:
             os.close(socket_copy)
         try:
@@ -211,12 +228,17 @@ class Bench:
         deadline = loop.time() + STARTUP_TIMEOUT
         while True:
             remaining = deadline - loop.time()
-            result = await probe_http(spec.socket_path, spec.health_path, within=max(0.01, min(policy.timeout, remaining)))
+            result = await probe_http(
+                spec.socket_path, spec.health_path, within=max(0.01, min(policy.timeout, remaining))
+            )
             if result.ok:
                 return
-            if os.waitpid(pid, os.WNOHANG) != (0, 0) or deadline <= loop.time():
+            exited = os.waitpid(pid, os.WNOHANG) != (0, 0)  # noqa: ASYNC222 (WNOHANG: no wait)
+            if exited or deadline <= loop.time():
                 log = spec.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{spec.replica_id} never got ready ({result.detail}); its log:\n{log}")
+                raise RuntimeError(
+                    f"{spec.replica_id} never got ready ({result.detail}); its log:\n{log}"
+                )
             await asyncio.sleep(policy.readiness_interval)
 
 
@@ -227,7 +249,7 @@ async def _terminate(pid: int) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: no wait)
         except ChildProcessError:
             return
         if done:
@@ -262,12 +284,18 @@ async def run(rounds: int, warmup: int, uid: int | None, breakdown: bool) -> Non
     root = Path(tempfile.mkdtemp(prefix="cw-start-"))
     bench = Bench(root, uid)
     variants: dict[str, tuple[str, Callable[[], Awaitable[Sample]]]] = {
-        "base": ("(a) baseline: no bwrap, no setpriv", lambda: bench.direct("base", isolated=False)),
+        "base": (
+            "(a) baseline: no bwrap, no setpriv",
+            lambda: bench.direct("base", isolated=False),
+        ),
         "iso": ("(b) default isolation", lambda: bench.supervised("iso")),
         "sbx": ("(c) sandbox=True", lambda: bench.supervised("sbx", sandbox=True)),
     }
     if breakdown:
-        variants["bw"] = ("(d) bwrap+setpriv argv, direct", lambda: bench.direct("bw", isolated=True))
+        variants["bw"] = (
+            "(d) bwrap+setpriv argv, direct",
+            lambda: bench.direct("bw", isolated=True),
+        )
     samples: dict[str, list[Sample]] = {key: [] for key in variants}
     order = list(variants)
     try:
@@ -278,8 +306,11 @@ async def run(rounds: int, warmup: int, uid: int | None, breakdown: bool) -> Non
                 if round_ >= 0:
                     samples[key].append(sample)
             if round_ >= 0:
-                print(f"  round {round_ + 1}/{rounds}: " + "  ".join(
-                    f"{key} {samples[key][-1].wall:.3f}s" for key in order), flush=True)
+                print(
+                    f"  round {round_ + 1}/{rounds}: "
+                    + "  ".join(f"{key} {samples[key][-1].wall:.3f}s" for key in order),
+                    flush=True,
+                )
     finally:
         await bench.supervisor.close(stop_replicas=True)
         bench.launcher.inner.close()
@@ -288,23 +319,39 @@ async def run(rounds: int, warmup: int, uid: int | None, breakdown: bool) -> Non
     who = f"uid {uid}" if uid is not None else "the platform's own uid (not root: no setpriv)"
     print()
     print("Replica start-up, spawn -> first successful readiness probe (Starlette hello app)")
-    print(f"  {rounds} rounds after {warmup} warm-up round(s), variants alternated; (b)-(d) under {who}")
-    print(f"  {os.cpu_count()} CPU(s), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"  {rounds} rounds after {warmup} warm-up round(s), variants alternated; (b)-(d) under {who}"
+    )
+    print(
+        f"  {os.cpu_count()} CPU(s), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"  {'':<34} {'median':>8} {'min':>8} {'CPU':>8}    vs (a): median    min    CPU")
     for key, (label, _) in variants.items():
         print(_summary(label, samples[key], None if key == "base" else samples["base"]))
-    ratio = statistics.median(s.wall for s in samples["iso"]) / statistics.median(s.wall for s in samples["base"])
+    ratio = statistics.median(s.wall for s in samples["iso"]) / statistics.median(
+        s.wall for s in samples["base"]
+    )
     verdict = "met" if ratio <= 1.2 else "NOT met"
     print(f"\nGoal, default isolation within 20% of baseline (medians): {ratio:.2f}x, {verdict}")
-    print("  (CPU: the replica's process tree when ready; the log writer of (b) and (c) is not in it)")
+    print(
+        "  (CPU: the replica's process tree when ready; the log writer of (b) and (c) is not in it)"
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="timed starts of each variant (default 10)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="timed starts of each variant (default 10)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--uid", type=int, default=DEFAULT_UID, help=f"the app's uid (default {DEFAULT_UID})")
-    parser.add_argument("--breakdown", action="store_true", help="add (d): bwrap+setpriv without the supervisor")
+    parser.add_argument(
+        "--uid", type=int, default=DEFAULT_UID, help=f"the app's uid (default {DEFAULT_UID})"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="add (d): bwrap+setpriv without the supervisor"
+    )
     args = parser.parse_args()
     if shutil.which("bwrap") is None:
         print("bwrap is missing: run scripts/system-packages", file=sys.stderr)

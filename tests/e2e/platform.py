@@ -120,14 +120,14 @@ class Load:
                 else:
                     self.failures.append(f"{response.status_code} {response.text[:200]}")
 
-    def wait_for(self, count: int) -> None:
-        """Wait until ``count`` more requests have succeeded; fail if they never do.
+    def wait_for(self, count: int, *, within: float = 60) -> None:
+        """Wait until ``count`` more requests have succeeded; fail if they do not within ``within`` seconds.
 
         A load that stopped flowing must fail the test: "0 failed requests" only
         means something when requests were made throughout.
         """
         target = self.ok + count
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + within
         while self.ok < target and time.monotonic() < deadline and not self.failures:
             self._stop.wait(0.01)
         if self.failures:

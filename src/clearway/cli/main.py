@@ -458,6 +458,13 @@ def recover(ctx: click.Context, yes: bool) -> None:
         out.print(f"  {table_name}: {rows} rows salvaged")
     for table_name, reason in sorted(report.lost_tables.items()):
         err.print(f"  [red]{table_name}: unreadable[/] ({reason})", markup=True)
+    if report.stopped_strays:
+        listed = ", ".join(f"{rid} (pid {pid})" for rid, pid in sorted(report.stopped_strays.items()))
+        err.print(
+            f"stopped {len(report.stopped_strays)} replicas the salvaged state has no record of: {listed}; "
+            "`clearway up` starts again what the state still wants",
+            markup=False,
+        )
     if report.commits_vouched is not None and report.commits_salvaged < report.commits_vouched:
         err.print(
             f"[yellow]{report.commits_vouched - report.commits_salvaged} committed changes were lost[/]: "

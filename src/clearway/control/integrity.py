@@ -14,7 +14,13 @@ one command that gets the platform going again without destroying evidence.
    and named in the report, the others still come through (a single
    ``iterdump`` stops at the first unreadable page);
 3. sets the witness to the salvaged database's counter, so ``clearway up``
-   starts from it.
+   starts from it;
+4. stops the replica processes of this home that the salvaged replica records
+   do not hold (matched by pid *and* start time). The commits a damaged WAL
+   drops hold replica records too; a replica left running without one is never
+   adopted, never stopped, and the next ``up`` would start a second one on its
+   socket path — orphaned for good. ``up`` starts again whatever the salvaged
+   state still wants.
 
 It refuses to run while a control plane holds the home's lock.
 """
@@ -23,13 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import signal
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clearway.backends.local.records import ReplicaRecords
 from clearway.control.faults import StateIntegrityError
 from clearway.control.store import Store, read_witness, witness_path_for, write_witness
+from clearway.runtime import ReplicaSpec
+from clearway.runtime.process import is_alive, read_start_time, signal_group
+
+#: How long a stray replica gets to exit on SIGTERM before SIGKILL.
+STRAY_GRACE = 10.0
 
 
 @dataclass
@@ -43,6 +57,8 @@ class RecoveryReport:
     lost_tables: dict[str, str] = field(default_factory=dict)
     commits_vouched: int | None = None
     commits_salvaged: int = 0
+    #: Replicas that were running with no salvaged record, now stopped: replica id -> pid.
+    stopped_strays: dict[str, int] = field(default_factory=dict)
 
 
 def recover(db_path: Path, *, lock_path: Path | None = None, clock: float | None = None) -> RecoveryReport:
@@ -91,7 +107,59 @@ def _recover(db_path: Path, now: float) -> RecoveryReport:
         report.commits_salvaged = int(row[0]) if row else 0
     db.close()
     write_witness(witness, report.commits_salvaged)
+    report.stopped_strays = _stop_strays(db_path)
     return report
+
+
+def _stop_strays(db_path: Path) -> dict[str, int]:
+    """Stop this home's replica processes that no salvaged record holds (point 4 above)."""
+    records = ReplicaRecords(db_path)
+    try:
+        known = {(r.pid, r.pid_start_time) for r in records.all() if r.pid is not None}
+    finally:
+        records.close()
+    home = db_path.parent.resolve()
+    strays: dict[str, int] = {}
+    for pid, replica_id in _replica_leaders(home):
+        if (pid, read_start_time(pid)) not in known:
+            strays[replica_id] = pid
+    started = {pid: read_start_time(pid) for pid in strays.values()}
+    for pid in strays.values():
+        signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STRAY_GRACE
+    while any(is_alive(pid, started[pid]) for pid in strays.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in strays.values():
+        if is_alive(pid, started[pid]):
+            signal_group(pid, signal.SIGKILL)
+    return strays
+
+
+def _replica_leaders(home: Path) -> list[tuple[int, str]]:
+    """(pid, replica id) of every running replica of ``home``: each replica leads its own
+    process group, and its spec (in its environment) hides the home it belongs to."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if os.getpgid(pid) != pid:
+                continue
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        variables = dict(item.partition(b"=")[::2] for item in environ.split(b"\0") if item)
+        raw = variables.get(b"CLEARWAY_REPLICA_SPEC")
+        if raw is None:
+            continue
+        try:
+            spec = ReplicaSpec.from_json(raw.decode())
+        except (ValueError, TypeError, KeyError):
+            continue
+        if any(hidden.resolve() == home for hidden in spec.hide):
+            found.append((pid, spec.replica_id))
+    return found
 
 
 def _salvage(damaged_path: Path, target: Path, report: RecoveryReport) -> None:

@@ -26,6 +26,7 @@ take seconds) so a pass never blocks on them; ``close`` awaits them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -194,6 +195,9 @@ class LocalBackend:
         if stop_workloads:
             await self.gateway.stop()
             self.records.close()
+            # Every replica removed its socket when it stopped; the directory goes too.
+            with contextlib.suppress(OSError):
+                self.sockets_dir.rmdir()
         await self.gateway.close()
 
     def subscribe(self, callback: Callable[[], None]) -> None:
