@@ -406,5 +406,5 @@ def test_a_gzip_bomb_is_refused_with_413_and_the_control_plane_stays_small(platf
     # It keeps answering, and left nothing of the bomb on disk.
     assert httpx.get(f"{info['api_url']}/v1/health", timeout=10).status_code == 200
     assert platform.cli("status").returncode == 0
-    leftovers = [p for p in (*platform.home.joinpath("uploads").iterdir(), *platform.home.joinpath("code", ".staging").iterdir())]
+    leftovers = [*platform.home.joinpath("uploads").iterdir(), *platform.home.joinpath("code", ".staging").iterdir()]
     assert leftovers == [], leftovers

@@ -93,7 +93,7 @@ def test_a_load_that_stops_flowing_fails(tmp_path: Path, serve: type[Server]) ->
 def test_a_load_with_failed_requests_fails(tmp_path: Path, serve: type[Server]) -> None:
     server = serve(healthy=3, after="fail")
     with Load(target(tmp_path, server), "demo") as load, pytest.raises(
-        AssertionError, match="requests failed under load: .*500"
+        AssertionError, match=r"requests failed under load: .*500"
     ):
         load.wait_for(1000, within=10)
 
