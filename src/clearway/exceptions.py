@@ -11,7 +11,11 @@ about it, because the person reading it is usually a developer at a terminal.
     │   ├── AuthenticationError   the API token is missing or wrong
     │   └── APIError              the API refused a request (carries status + body)
     ├── DeployError               a revision failed to build, import, start or become ready
-    └── RuntimeStartError         a replica or the gateway could not be started
+    ├── RuntimeStartError         a replica or the gateway could not be started
+    ├── StorageFull               the disk holding the state is full (control.faults; API 507)
+    └── StateIntegrityError       state.db is damaged or lost commits (control.faults; refused at start)
+
+The last two live with the control plane, which alone raises them.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import tarfile
 import tempfile
 import zlib
@@ -40,11 +39,12 @@ from typing import IO, Any
 
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.exceptions import APIError
+from clearway.spec.ids import ENV_NAME
 
 MiB = 1024 * 1024
 
-#: Environment variable names a revision may set (POSIX portable names).
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Environment variable names a revision may set (the spec's own rule).
+ENV_KEY = ENV_NAME
 
 #: Largest GNU long-name / pax header accepted: tarfile reads these whole into memory.
 _MAX_META_HEADER = 1 * MiB

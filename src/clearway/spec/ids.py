@@ -24,6 +24,7 @@ import re
 from typing import NewType
 
 __all__ = [
+    "ENV_NAME",
     "AppName",
     "ComponentName",
     "ReplicaId",
@@ -42,7 +43,8 @@ ReplicaId = NewType("ReplicaId", str)
 
 #: A DNS label of at most 40 characters (it becomes part of host names).
 _NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A portable environment variable name (POSIX).
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_name(value: object, what: str) -> str:
@@ -57,7 +59,7 @@ def check_name(value: object, what: str) -> str:
 
 def check_env_name(value: object) -> str:
     """Validate an environment variable name (``[A-Za-z_][A-Za-z0-9_]*``)."""
-    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+    if not isinstance(value, str) or not ENV_NAME.fullmatch(value):
         raise ValueError(
             f"environment variable name {value!r} is invalid: use letters, digits and '_', "
             "not starting with a digit"
