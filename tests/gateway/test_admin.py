@@ -44,4 +44,5 @@ async def test_admin_endpoints_and_metrics(
     lines = (tmp_path / "access0.log").read_text().splitlines()
     assert len(lines) == 4
     assert '"GET /echo HTTP/1.1" 200' in lines[0] and "app=hello revision=hello-1" in lines[0]
-    assert '"GET / HTTP/1.1" 404' in lines[3]
+    assert f"upstream={replica.address} " in lines[0], lines[0]  # who answered, after release
+    assert '"GET / HTTP/1.1" 404' in lines[3] and "upstream=- " in lines[3]

@@ -219,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         "_deferred",
         "_early",
         "_endpoint",
+        "_upstream_address",
         "_expect",
         "_fwd_for",
         "_head",
@@ -299,6 +300,8 @@ class ClientConnection(asyncio.Protocol):
         self._target: BoundTarget | None = None
         self._stats: RevisionStats | None = None
         self._endpoint: Endpoint | None = None
+        #: The replica that answered, for the access log (the endpoint is released first).
+        self._upstream_address = ""
         self._upstream: UpstreamConnection | None = None
         self._head = b""
         self._request_id = b""
@@ -695,6 +698,7 @@ class ClientConnection(asyncio.Protocol):
         self._upstream = conn
         endpoint = self._endpoint = conn.endpoint
         endpoint.in_flight += 1
+        self._upstream_address = endpoint.address
         if self._expect and not self._request_done and not self._pending:
             self._expect = False
             assert self._transport is not None
@@ -1102,7 +1106,6 @@ class ClientConnection(asyncio.Protocol):
         stats.record(status, duration)
         log = self._ctx.access_log
         if log is not None:
-            endpoint = self._endpoint
             log.log(
                 self._peer,
                 self._method,
@@ -1113,7 +1116,7 @@ class ClientConnection(asyncio.Protocol):
                 duration,
                 stats.app,
                 stats.revision,
-                endpoint.address if endpoint is not None else "",
+                self._upstream_address,
                 self._request_id,
             )
 
