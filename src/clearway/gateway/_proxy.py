@@ -219,7 +219,6 @@ class ClientConnection(asyncio.Protocol):
         "_deferred",
         "_early",
         "_endpoint",
-        "_upstream_address",
         "_expect",
         "_fwd_for",
         "_head",
@@ -257,6 +256,7 @@ class ClientConnection(asyncio.Protocol):
         "_transport",
         "_upgrade",
         "_upstream",
+        "_upstream_address",
         "_url",
         "_version",
     )
