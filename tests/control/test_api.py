@@ -13,6 +13,7 @@ import pytest
 from clearway.cli.packaging import pack
 from clearway.control.api import create_api
 from clearway.control.credentials import SigningKey
+from clearway.control.environments import EnvironmentBuilder
 from clearway.control.reconciler import Reconciler
 from clearway.control.revisions import RevisionBuilder
 from clearway.control.store import Store
@@ -44,7 +45,7 @@ class Platform:
         return result
 
 
-async def make_platform(tmp_path: Path, home: Path) -> AsyncGenerator[Platform, None]:
+async def make_platform(tmp_path: Path, home: Path, *, envs_home: Path | None = None) -> AsyncGenerator[Platform, None]:
     store = Store(home / "state.db")
     backend = FakeBackend()
     signing = SigningKey.load_or_create(home / "keys")
@@ -52,7 +53,7 @@ async def make_platform(tmp_path: Path, home: Path) -> AsyncGenerator[Platform, 
         store=store,
         backend=backend,
         reconciler=Reconciler(store, backend),
-        builder=RevisionBuilder(store, home),
+        builder=RevisionBuilder(store, home, environments=EnvironmentBuilder(envs_home) if envs_home else None),
         token=TOKEN,
         signing=signing,
         on_shutdown=lambda: None,
@@ -143,7 +144,8 @@ async def test_an_oversized_upload_is_refused_before_it_is_read(platform: Platfo
 
 
 async def test_a_full_disk_is_507_naming_the_filesystem(tmp_path: Path, small_tmpfs: Path) -> None:
-    platform = make_platform(tmp_path, small_tmpfs)
+    # Environments (tens of MiB) live outside the 4 MiB file system this test fills.
+    platform = make_platform(tmp_path, small_tmpfs, envs_home=tmp_path / "envs-home")
     p = await anext(platform)
     try:
         await p.deploy()

@@ -55,3 +55,36 @@ def test_numbers_are_per_app_and_never_reused_after_delete(tmp_path: Path) -> No
     second = store.create_revision(spec("a"), code_dir=tmp_path, app_file="app.py", env={})
     other = store.create_revision(spec("b"), code_dir=tmp_path, app_file="app.py", env={})
     assert (second.id, other.id) == ("a-2", "b-1")
+
+
+def test_revisions_from_before_artifacts_are_migrated_and_keep_running_on_the_platform(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE apps (name TEXT PRIMARY KEY, created_at REAL NOT NULL, scale TEXT NOT NULL DEFAULT '{}',
+                           next_number INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE revisions (id TEXT PRIMARY KEY, app TEXT NOT NULL, number INTEGER NOT NULL, spec TEXT NOT NULL,
+            code_dir TEXT NOT NULL, app_file TEXT NOT NULL, env TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL,
+            error TEXT, created_at REAL NOT NULL, started_at REAL, activated_at REAL, UNIQUE (app, number));
+        """
+    )
+    db.execute("INSERT INTO apps VALUES ('hello', 0, '{}', 2)")
+    db.execute(
+        "INSERT INTO revisions VALUES ('hello-1', 'hello', 1, ?, ?, 'app.py', '{}', 'active', NULL, 0, 0, 0)",
+        (json.dumps(spec().model_dump(mode="json")), str(tmp_path / "code" / "hello" / ("ab" * 32))),
+    )
+    db.commit()
+    db.close()
+    store = Store(path)
+    [old] = store.revisions("hello")
+    assert (old.code_digest, old.env_digest, old.pruned_at) == ("ab" * 32, None, None)
+    new = store.create_revision(
+        spec(), code_dir=tmp_path / "cd", app_file="app.py", env={}, env_digest="sha256:ff", python="3.11.7"
+    )
+    assert (new.env_digest, new.python, new.code_digest) == ("sha256:ff", "3.11.7", "cd")
+    store.mark_pruned([old.id])
+    assert store.revision(old.id).pruned_at is not None  # type: ignore[union-attr]

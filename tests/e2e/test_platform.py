@@ -397,7 +397,9 @@ def web():
 
     return Starlette(routes=[Route("/healthz", health), Route("/stream", stream), WebSocketRoute("/ws", echo)])
 """
-    platform.cli("deploy", str(write_app(tmp_path / "demo", app)))
+    project = write_app(tmp_path / "demo", app)
+    (project / "requirements.txt").write_text("starlette\nwebsockets\n")  # uvicorn speaks WebSocket through it
+    platform.cli("deploy", str(project))
     streamed = platform.get("demo", "/stream")
     assert streamed.text == "chunk 0\nchunk 1\nchunk 2\n"
     assert streamed.headers.get("transfer-encoding") == "chunked"

@@ -7,6 +7,7 @@ Deployments, Services and routes. The control plane talks only to the protocol.
 """
 
 from clearway.backends.base import (
+    Artifact,
     Backend,
     ComponentObservation,
     DesiredState,
@@ -17,6 +18,7 @@ from clearway.backends.base import (
 )
 
 __all__ = [
+    "Artifact",
     "Backend",
     "ComponentObservation",
     "DesiredState",

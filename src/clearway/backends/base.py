@@ -14,10 +14,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from clearway.spec.model import AppSpec
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a revision runs, named by digests rather than host paths.
+
+    A backend resolves the references itself: the local backend to directories
+    under ``$CLEARWAY_HOME`` (``backends.local.artifacts``), the Kubernetes
+    backend (later) to the same artifact fetched onto another machine. Paths
+    would tie a revision to the machine that built it.
+    """
+
+    code: str
+    """The code snapshot's digest (64 hex digits; unique within its app)."""
+    env: str | None
+    """The environment's ``sha256:<hex>``; None: a revision from before per-app
+    environments, run with the platform's own interpreter."""
+    python: str
+    """The interpreter version the environment was built for, e.g. ``"3.11.7"``."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +45,7 @@ class Workload:
     app: str
     revision: str
     spec: AppSpec
-    code_dir: Path
+    artifact: Artifact
     app_file: str
     env: Mapping[str, str]
     replicas: Mapping[str, int]

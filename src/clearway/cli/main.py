@@ -86,15 +86,24 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 @click.option("--host", help="Gateway address to listen on (default 127.0.0.1).")
 @click.option("--domain", "domains", multiple=True, help="Domain apps are served under (repeatable; default localhost).")
 @click.option("--api-port", type=click.IntRange(0, 65535), help="Control-plane API port (default: a free one, kept across restarts).")
+@click.option("--keep-revisions", type=click.IntRange(1, 10_000), help="Revisions per app whose code and environment are kept for rollback (default 10, or as last time).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background and return once it answers.")
 @click.pass_context
 @run_command
-def up(ctx: click.Context, port: int | None, host: str | None, domains: tuple[str, ...], api_port: int | None, detach: bool) -> None:
+def up(
+    ctx: click.Context,
+    port: int | None,
+    host: str | None,
+    domains: tuple[str, ...],
+    api_port: int | None,
+    keep_revisions: int | None,
+    detach: bool,
+) -> None:
     """Start the platform: control plane + gateway (adopting running apps)."""
     from clearway.control.server import Settings, run_foreground
 
     home = home_of(ctx)
-    settings = Settings(port=port, host=host, api_port=api_port, domains=domains or None)
+    settings = Settings(port=port, host=host, api_port=api_port, domains=domains or None, keep_revisions=keep_revisions)
     if not detach:
         run_foreground(home.root, settings)
         return
@@ -104,7 +113,7 @@ def up(ctx: click.Context, port: int | None, host: str | None, domains: tuple[st
         return
     home.create()
     args = [sys.executable, "-m", "clearway.cli.main", "--home", str(home.root), "up"]
-    for flag, value in (("--port", port), ("--host", host), ("--api-port", api_port)):
+    for flag, value in (("--port", port), ("--host", host), ("--api-port", api_port), ("--keep-revisions", keep_revisions)):
         if value is not None:
             args += [flag, str(value)]
     for domain in domains:
@@ -193,7 +202,7 @@ def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str,
         if "\0" in value:
             fail(f"--env {key}: the value contains a NUL byte")
     client = client_of(ctx)
-    with err.status(f"uploading {root.name}…"):
+    with err.status(f"uploading {root.name} and preparing its environment…"):
         archive = pack(root)
         accepted = client.request(
             "POST",
@@ -201,9 +210,12 @@ def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str,
             params={"app_file": app_file, "env": list(env)},
             content=archive,
             headers={"content-type": "application/gzip"},
-            timeout=120,
+            # Resolving and downloading a new dependency set can take minutes.
+            timeout=900,
         )
     err.print(f"revision [bold]{accepted['revision']}[/] accepted", markup=True)
+    if accepted.get("environment"):
+        err.print(f"  {accepted['environment']['log']}", markup=False)
     if no_wait:
         if as_json:
             print_json(accepted)

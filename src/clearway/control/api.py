@@ -226,7 +226,7 @@ def create_api(
             note(request, detail=f"env keys: {', '.join(sorted(pairs))}")
         upload = await receive(request.stream(), upload_dir, max_bytes=limit)
         try:
-            revision = await builder.build(upload, app_file=app_file, env=pairs)
+            revision, environment = await builder.build_with_environment(upload, app_file=app_file, env=pairs)
         finally:
             upload.unlink(missing_ok=True)
         note(
@@ -235,7 +235,12 @@ def create_api(
             detail=f"revision {revision.id}" + (f"; env keys: {', '.join(sorted(pairs))}" if pairs else ""),
         )
         reconciler.poke()
-        return {"revision": revision.id, "app": revision.app, "state": revision.state.value}
+        return {
+            "revision": revision.id,
+            "app": revision.app,
+            "state": revision.state.value,
+            "environment": {"digest": environment.digest, "reused": environment.reused, "log": environment.log},
+        }
 
     @api.get("/v1/apps", dependencies=auth, tags=["apps"])
     async def list_apps() -> list[dict[str, Any]]:
@@ -321,9 +326,20 @@ def create_api(
                 raise APIError(404, f"app {name!r} has no revision {body.revision!r}; `clearway status {name}` lists them")
             if target.state is RevisionState.FAILED:
                 raise APIError(409, f"revision {target.id} failed to start before: pick another one")
+            if target.pruned_at is not None:
+                raise APIError(
+                    409,
+                    f"deploy that code again, or roll back to a newer revision: the code of {target.id} was "
+                    "deleted to free space (the platform keeps the last revisions of each app; "
+                    "`clearway up --keep-revisions N` keeps more)",
+                )
         else:
             # The revision that served most recently before the active one.
-            candidates = [r for r in revisions if r.state is RevisionState.RETIRED and r.activated_at is not None]
+            candidates = [
+                r
+                for r in revisions
+                if r.state is RevisionState.RETIRED and r.activated_at is not None and r.pruned_at is None
+            ]
             if not candidates:
                 raise APIError(409, f"app {name!r} has no earlier revision that served traffic to roll back to")
             target = max(candidates, key=lambda r: r.activated_at or 0)

@@ -9,9 +9,13 @@
     platform.json    the settings of the last ``up`` (gateway host/port, domains), kept
                      outside state.db so a damaged or lost database cannot move the gateway
     code/<app>/<digest>/   immutable code snapshots (root:<app gid>, 0750/0640)
+    envs/<digest>/   app environments built by uv, named by their resolved pins (0755:
+                     public packages only); .inputs/ maps dependency-file digests to them,
+                     .staging/ and .locks/ are where and how they are built
     uploads/         uploads being received (streamed to disk, then unpacked)
     replicas/<id>/   each replica's own working directory
-    logs/            control plane, gateway, access log, and logs/<app>/<replica>.log
+    logs/            control plane, gateway, access log, logs/<app>/<replica>.log, and
+                     logs/builds/ (uv's output of each environment build)
     routes.json      the gateway's route table (written atomically)
 """
 

@@ -29,14 +29,18 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from clearway.backends.base import Backend, DesiredState, TrafficTarget, Workload
+from clearway.backends.base import Artifact, Backend, DesiredState, TrafficTarget, Workload
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.store import Revision, RevisionState, Store
 
 log = logging.getLogger("clearway.control")
+
+#: The interpreter version of revisions stored before per-app environments.
+_PLATFORM_PYTHON = ".".join(str(part) for part in sys.version_info[:3])
 
 #: Extra time beyond a component's own startup timeout before a deploy fails.
 STARTUP_MARGIN = 5.0
@@ -55,6 +59,7 @@ class Reconciler:
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
         assign_uids: bool | None = None,
+        after_activation: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -64,6 +69,9 @@ class Reconciler:
         self.assign_uids = os.geteuid() == 0 if assign_uids is None else assign_uids
         #: What keeps passes from completing (a full disk), for the API to show; None when well.
         self.fault: str | None = None
+        #: Run after a pass that made a revision active (garbage collection): off the
+        #: path of the deploy itself, which is complete by then; its failure is logged.
+        self.after_activation = after_activation
         self._wake = asyncio.Event()
         self._passes = 0
         self._pass_done = asyncio.Condition()
@@ -114,7 +122,7 @@ class Reconciler:
                 app=r.app,
                 revision=r.id,
                 spec=r.spec,
-                code_dir=r.code_dir,
+                artifact=Artifact(code=r.code_digest, env=r.env_digest, python=r.python or _PLATFORM_PYTHON),
                 app_file=r.app_file,
                 env={**r.spec.env, **r.env},
                 replicas=desired_replicas(r, scales.get(r.app, {})),
@@ -142,6 +150,7 @@ class Reconciler:
         await self.backend.apply(self.desired_state())
         observed = self.backend.observe()
         changed = False
+        activated = False
         ready: list[Revision] = []
         for rev in self.store.revisions(states={RevisionState.STARTING}):
             obs = observed.get(rev.id)
@@ -178,6 +187,7 @@ class Reconciler:
             if await self.backend.converged():
                 for rev in ready:
                     self.store.activate(rev.id)
+                activated = True
             else:
                 # Not confirmed: the next apply puts traffic back on the active
                 # revision; past its deadline the new one fails, the old serves on.
@@ -196,6 +206,11 @@ class Reconciler:
         if changed:
             # Apply the new lifecycle at once rather than on the next tick.
             await self.backend.apply(self.desired_state())
+        if activated and self.after_activation is not None:
+            try:
+                await self.after_activation()
+            except Exception:
+                log.exception("cleaning up after an activation failed; the next activation tries again")
         async with self._pass_done:
             self._passes += 1
             self._pass_done.notify_all()

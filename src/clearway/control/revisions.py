@@ -1,6 +1,11 @@
 """Turning an upload into an immutable revision.
 
-A revision is code + spec + environment, frozen. The code is unpacked (under
+A revision is an artifact — code snapshot, Python environment and interpreter,
+each named by its digest — plus spec and variables, frozen. The environment
+is built (or found in the cache) by ``control.environments`` from the
+project's declared dependencies *before* the spec is read, because reading it
+imports ``app.py``, which may import the app's packages: the spec-reading
+child runs with the environment's interpreter. The code is unpacked (under
 limits, see ``control.uploads``) into a content-addressed snapshot,
 ``code/<app>/<digest>``, where the digest covers every name, type, mode,
 symlink target and content: the same push twice shares one copy, a different
@@ -34,12 +39,12 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clearway.control.environments import BuiltEnvironment, EnvironmentBuilder
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.store import DEFAULT_UID_BASE, Revision, Store
 from clearway.control.uploads import DIR_MODE, UploadLimits, unpack
@@ -87,9 +92,9 @@ class RevisionBuilder:
         store: Store,
         home: Path,
         *,
-        python: str = sys.executable,
         ownership: Ownership | None = None,
         limits: UploadLimits | None = None,
+        environments: EnvironmentBuilder | None = None,
     ) -> None:
         self.store = store
         self.home = home
@@ -100,12 +105,22 @@ class RevisionBuilder:
         self.staging_root.mkdir(mode=0o700, exist_ok=True)
         self.work_root = home / "uploads"
         self.work_root.mkdir(mode=0o700, exist_ok=True)
-        self.python = python
+        self.environments = environments or EnvironmentBuilder(home)
+        #: Held while a snapshot is placed and its revision stored, and by garbage
+        #: collection: it never deletes what a deploy is placing.
+        self.artifact_lock = asyncio.Lock()
         self.ownership = ownership or Ownership.detect(store.uid_base)
         self.limits = limits or UploadLimits()
 
     async def build(self, upload: Path, *, app_file: str, env: dict[str, str]) -> Revision:
         """Unpack ``upload`` (a gzipped tar on disk), read its spec, store the revision."""
+        revision, _ = await self.build_with_environment(upload, app_file=app_file, env=env)
+        return revision
+
+    async def build_with_environment(
+        self, upload: Path, *, app_file: str, env: dict[str, str]
+    ) -> tuple[Revision, BuiltEnvironment]:
+        """`build`, also saying how the environment was obtained (built or reused)."""
         if Path(app_file).is_absolute() or ".." in Path(app_file).parts:
             raise APIError(422, f"app_file {app_file!r} must be a path inside the project")
         try:
@@ -124,16 +139,28 @@ class RevisionBuilder:
                 )
             inspect_gid = self.ownership.inspect_uid
             await asyncio.to_thread(_own, staging, inspect_gid)
-            spec = await self._inspect(staging, app_file)
-            if "/" in spec.name or spec.name.startswith("."):
-                raise APIError(422, f"app name {spec.name!r} cannot name a directory")
-            uid = self.store.allocate_uid(spec.name)
-            gid = uid if self.ownership.as_root else None
-            code_dir = await asyncio.to_thread(self._place, staging, spec.name, digest, gid)
+            environment = await self.environments.ensure(staging)
+            with self.environments.pinned(environment.digest):
+                spec = await self._inspect(staging, app_file, python=str(environment.python))
+                if "/" in spec.name or spec.name.startswith("."):
+                    raise APIError(422, f"app name {spec.name!r} cannot name a directory")
+                uid = self.store.allocate_uid(spec.name)
+                gid = uid if self.ownership.as_root else None
+                async with self.artifact_lock:
+                    code_dir = await asyncio.to_thread(self._place, staging, spec.name, digest, gid)
+                    revision = self.store.create_revision(
+                        spec,
+                        code_dir=code_dir,
+                        app_file=app_file,
+                        env=env,
+                        env_digest=environment.digest,
+                        python=environment.python_version,
+                    )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return self.store.create_revision(spec, code_dir=code_dir, app_file=app_file, env=env)
+        self.store.add_event(spec.name, f"{revision.id}: {environment.log}")
+        return revision, environment
 
     def _place(self, staging: Path, app: str, digest: str, gid: int | None) -> Path:
         """Move the staged snapshot to ``code/<app>/<digest>`` (or drop it if there already)."""
@@ -159,7 +186,7 @@ class RevisionBuilder:
             raise
         return code_dir
 
-    def _inspect_isolation(self, code_dir: Path, uid: int | None) -> tuple[Path, Isolation]:
+    def _inspect_isolation(self, code_dir: Path, uid: int | None, python: str) -> tuple[Path, Isolation]:
         """A throwaway workdir (the child's own) and the view the child runs in."""
         workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=self.work_root)).resolve()
         if uid is not None:
@@ -169,18 +196,18 @@ class RevisionBuilder:
             uid=uid,
             gid=uid,
             hide=(self.home.resolve(),),
-            read_only=(*import_roots(self.python), code_dir.resolve()),
+            read_only=(*import_roots(python), code_dir.resolve()),
             writable=(workdir,),
             workdir=workdir,
         )
         return workdir, isolation
 
-    async def _inspect(self, code_dir: Path, app_file: str) -> AppSpec:
+    async def _inspect(self, code_dir: Path, app_file: str, *, python: str) -> AppSpec:
         uid = self.ownership.inspect_uid
-        workdir, isolation = await asyncio.to_thread(self._inspect_isolation, code_dir, uid)
+        workdir, isolation = await asyncio.to_thread(self._inspect_isolation, code_dir, uid, python)
         try:
             try:
-                argv = isolated_argv(isolation, [self.python, "-m", "clearway.sdk.inspect", str(code_dir / app_file)])
+                argv = isolated_argv(isolation, [python, "-m", "clearway.sdk.inspect", str(code_dir / app_file)])
             except RuntimeStartError as exc:
                 raise APIError(503, f"cannot isolate the import of {app_file}: {exc}") from None
             env = {

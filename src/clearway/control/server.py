@@ -10,7 +10,7 @@ owns the gateway and the replicas). Shutdown comes in two kinds, on purpose:
   adopts them. Nothing is lost because desired state is in SQLite and replica
   facts are in the backend's records.
 
-Settings given to the first ``up`` (ports, domains) are stored, so a plain
+Settings given to the first ``up`` (ports, domains, revisions kept) are stored, so a plain
 ``clearway up`` after a crash comes back exactly as it was. The gateway's
 address is also kept outside ``state.db`` (the running gateway's
 ``gateway.json``, else ``platform.json`` of the last ``up``), so the gateway
@@ -42,6 +42,7 @@ from clearway.control.api import create_api
 from clearway.control.credentials import SigningKey
 from clearway.control.home import Home
 from clearway.control.reconciler import Reconciler
+from clearway.control.retention import DEFAULT_KEEP_REVISIONS, Retention
 from clearway.control.revisions import Ownership, RevisionBuilder
 from clearway.control.store import DEFAULT_UID_BASE, Store
 from clearway.control.uploads import UploadLimits
@@ -62,6 +63,8 @@ class Settings:
     #: First uid handed to an app (the spec-reading child runs as the one below).
     uid_base: int = DEFAULT_UID_BASE
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
+    #: Revisions per app whose code and environment are kept for rollback.
+    keep_revisions: int | None = None
 
 
 #: Gateway port when nothing says otherwise.
@@ -181,14 +184,23 @@ class ControlPlane:
             await backend.close(stop_workloads=False)
             store.close()
             raise
-        reconciler = Reconciler(store, backend)
-        backend.subscribe(reconciler.poke)
         builder = RevisionBuilder(
             store,
             self.home.root,
             ownership=Ownership.detect(self.settings.uid_base),
             limits=self.settings.upload_limits,
         )
+        keep = self.settings.keep_revisions
+        if keep is None:
+            keep = int(store.get_meta("keep_revisions") or DEFAULT_KEEP_REVISIONS)
+        store.set_meta("keep_revisions", str(keep))
+        retention = Retention(store, self.home.root, builder.environments, builder.artifact_lock, keep=keep)
+
+        async def collect() -> None:
+            await retention.collect()
+
+        reconciler = Reconciler(store, backend, after_activation=collect)
+        backend.subscribe(reconciler.poke)
         api = create_api(
             store=store,
             backend=backend,

@@ -42,7 +42,7 @@ from typing import Any
 from clearway.control.faults import StateIntegrityError, StorageFull, is_disk_full
 from clearway.spec.model import AppSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: First uid (= gid) handed to an app; the spec-reading child runs as the one below.
 DEFAULT_UID_BASE = 400_000
@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS revisions (
     created_at REAL NOT NULL,
     started_at REAL,
     activated_at REAL,
+    code_digest TEXT,
+    env_digest TEXT,
+    python TEXT,
+    pruned_at REAL,
     UNIQUE (app, number)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -132,6 +136,14 @@ class Revision:
     activated_at: float | None
     #: The app's uid (= gid); None only for revisions stored before uids existed.
     uid: int | None = None
+    #: The artifact: code snapshot digest (the snapshot directory's name), the
+    #: environment's ``sha256:<hex>`` (None: stored before per-app environments,
+    #: runs on the platform's interpreter) and the interpreter's version.
+    code_digest: str = ""
+    env_digest: str | None = None
+    python: str | None = None
+    #: When garbage collection deleted its code snapshot (rollback to it is refused).
+    pruned_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,6 +156,8 @@ class Revision:
             "started_at": self.started_at,
             "activated_at": self.activated_at,
             "uid": self.uid,
+            "artifact": {"code": self.code_digest, "env": self.env_digest, "python": self.python},
+            "pruned": self.pruned_at is not None,
             "spec": self.spec.model_dump(mode="json"),
         }
 
@@ -317,6 +331,11 @@ class Store:
     def _migrate(self) -> None:
         """Bring a database from an older clearway up to this schema (idempotent)."""
         self._db.execute("INSERT INTO meta(key, value) VALUES('commits', '0') ON CONFLICT(key) DO NOTHING")
+        # Revisions became artifacts (code digest, environment, interpreter) in schema 3.
+        have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(revisions)").fetchall()}
+        for column, kind in (("code_digest", "TEXT"), ("env_digest", "TEXT"), ("python", "TEXT"), ("pruned_at", "REAL")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE revisions ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -474,7 +493,14 @@ class Store:
 
     # -- revisions ----------------------------------------------------------
     def create_revision(
-        self, spec: AppSpec, *, code_dir: Path, app_file: str, env: dict[str, str]
+        self,
+        spec: AppSpec,
+        *,
+        code_dir: Path,
+        app_file: str,
+        env: dict[str, str],
+        env_digest: str | None = None,
+        python: str | None = None,
     ) -> Revision:
         """Record a new revision in ``STARTING`` (creating the app and its uid on first deploy)."""
         self.allocate_uid(spec.name)
@@ -491,7 +517,7 @@ class Store:
             rev_id = f"{spec.name}-{number}"
             db.execute(
                 "INSERT INTO revisions(id, app, number, spec, code_dir, app_file, env, state,"
-                " created_at, started_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                " created_at, started_at, code_digest, env_digest, python) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rev_id,
                     spec.name,
@@ -503,6 +529,9 @@ class Store:
                     RevisionState.STARTING.value,
                     now,
                     now,
+                    code_dir.name,
+                    env_digest,
+                    python,
                 ),
             )
             self._event(db, spec.name, f"revision {rev_id} created")
@@ -542,7 +571,21 @@ class Store:
             started_at=row["started_at"],
             activated_at=row["activated_at"],
             uid=row["uid"],
+            # Revisions from before schema 3: the snapshot directory is named by its digest.
+            code_digest=row["code_digest"] or Path(row["code_dir"]).name,
+            env_digest=row["env_digest"],
+            python=row["python"],
+            pruned_at=row["pruned_at"],
         )
+
+    def mark_pruned(self, rev_ids: list[str]) -> None:
+        """Record that these revisions' code snapshots were deleted (GC)."""
+        if not rev_ids:
+            return
+        now = time.time()
+        with self.transaction() as db:
+            for rev_id in rev_ids:
+                db.execute("UPDATE revisions SET pruned_at=? WHERE id=? AND pruned_at IS NULL", (now, rev_id))
 
     def restart_revision(self, rev_id: str) -> None:
         """Move a retired (or failed) revision back to ``STARTING`` (rollback)."""

@@ -3,7 +3,8 @@
 Each pass of ``apply``:
 
 1. turns every wanted (revision, component, index) into a ``ReplicaSpec`` with a
-   stable id ``<revision>.<component>.<index>`` (`clearway.spec.ids`) and starts
+   stable id ``<revision>.<component>.<index>`` (`clearway.spec.ids`), its code
+   and interpreter resolved from the revision's artifact (``artifacts``), and starts
    the ones not running — each isolated (its app's uid, the platform's home
    hidden) and, for services, listening on a unix socket in a directory only
    the platform's user can open, so nothing reaches a replica around the gateway;
@@ -43,6 +44,7 @@ from clearway.backends.base import (
     RevisionObservation,
     Workload,
 )
+from clearway.backends.local.artifacts import ArtifactStore
 from clearway.backends.local.gateway import GatewayProcess
 from clearway.backends.local.records import ReplicaRecords
 from clearway.exceptions import RuntimeStartError
@@ -127,6 +129,7 @@ class LocalBackend:
         (self.home / "replicas").mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.records = ReplicaRecords(self.home / "state.db")
+        self.artifacts = ArtifactStore(self.home)
         self.gateway = GatewayProcess(
             self.home, host=config.gateway_host, port=config.gateway_port, identity_key=config.identity_key
         )
@@ -232,8 +235,9 @@ class LocalBackend:
             component=component,
             index=index,
             kind="service" if is_service else "worker",
-            code_dir=workload.code_dir,
+            code_dir=self.artifacts.code_dir(workload.app, workload.artifact),
             app_file=workload.app_file,
+            python=self.artifacts.python(workload.artifact),
             workdir=self.home / "replicas" / replica_id,
             log_path=self.home / "logs" / workload.app / f"{replica_id}.log",
             env=env,
