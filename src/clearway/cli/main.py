@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from clearway.cli.client import Client
@@ -378,6 +379,111 @@ def destroy(ctx: click.Context, app: str, yes: bool) -> None:
         click.confirm(f"destroy {app} and all its revisions?", abort=True)
     client_of(ctx).request("DELETE", f"/v1/apps/{app}")
     out.print(f"{app} destroyed")
+
+
+class _ConfigGroup(click.Group):
+    """``clearway config APP`` is short for ``clearway config show APP``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_ConfigGroup)
+def config() -> None:
+    """An app's configuration and secrets, kept across deploys.
+
+    \b
+    clearway config APP                          list it (secrets show as (secret))
+    clearway config set APP KEY=VALUE... [--secret]
+    clearway config unset APP KEY...
+
+    A change restarts the serving code as a new revision (zero downtime), and
+    every later deploy gets it; a deploy's --env overrides it.
+    """
+
+
+@config.command("show")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON (secrets' values are null).")
+@click.pass_context
+@run_command
+def config_show(ctx: click.Context, app: str, as_json: bool) -> None:
+    """List APP's configuration; secret values are never shown."""
+    view = client_of(ctx).request("GET", f"/v1/apps/{app}/config")
+    if as_json:
+        print_json(view)
+        return
+    if not view["config"]:
+        out.print(f"{app} has no configuration: `clearway config set {app} KEY=VALUE` adds some")
+        return
+    table = Table("KEY", box=None, pad_edge=False)
+    table.add_column("VALUE", overflow="fold")
+    for entry in view["config"]:
+        if entry["secret"]:
+            table.add_row(entry["key"], "[dim](secret)[/]")
+        else:
+            table.add_row(entry["key"], rich_escape(entry["value"]))
+    out.print(table)
+
+
+@config.command("set")
+@click.argument("app")
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.option("--secret", is_flag=True, help="Values never shown again (by config, status, the API or the audit log).")
+@click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
+@click.pass_context
+@run_command
+def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: bool, no_wait: bool) -> None:
+    """Set configuration of APP; its serving code restarts with it."""
+    values: dict[str, str] = {}
+    for index, item in enumerate(pairs, start=1):
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"argument #{index} has no '=': write it as KEY=VALUE")
+        values[key] = value
+    _change_config(ctx, app, {"set": values, "secret": secret}, no_wait=no_wait)
+
+
+@config.command("unset")
+@click.argument("app")
+@click.argument("keys", nargs=-1, required=True, metavar="KEY...")
+@click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
+@click.pass_context
+@run_command
+def config_unset(ctx: click.Context, app: str, keys: tuple[str, ...], no_wait: bool) -> None:
+    """Remove configuration of APP; its serving code restarts without it."""
+    _change_config(ctx, app, {"unset": list(keys)}, no_wait=no_wait)
+
+
+def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_wait: bool) -> None:
+    """Send the change (the API checks it) and wait for the revision it makes; never prints a value."""
+    client = client_of(ctx)
+    result = client.request("POST", f"/v1/apps/{app}/config", json=change)
+    done = "; ".join(
+        part
+        for part in (
+            f"set {', '.join(result['set'])}" + (" (secret)" if change.get("secret") else "") if result["set"] else "",
+            f"unset {', '.join(result['unset'])}" if result["unset"] else "",
+        )
+        if part
+    )
+    err.print(f"{app}: {done}", markup=False)
+    if result["shadowed"]:
+        err.print(
+            f"[yellow]note:[/] the serving deploy's --env still overrides {', '.join(result['shadowed'])}; "
+            "deploy without it for the configuration to apply",
+            markup=True,
+        )
+    if result["revision"] is None:
+        out.print(f"stored; {app} has no serving revision: the next `clearway deploy` uses it")
+        return
+    err.print(f"revision [bold]{result['revision']}[/] accepted", markup=True)
+    if no_wait:
+        return
+    wait_for_revision(client, result["revision"])
+    out.print(f"[green]✓[/] {result['revision']} is serving")
 
 
 @cli.command()

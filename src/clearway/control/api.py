@@ -9,6 +9,11 @@ that replica runs with the incarnation the token names. Errors are JSON
 ``{"error": ..., "details": ..., "location": ...}`` whose ``error`` says what
 to do, because the CLI prints it as it is; a full disk is 507. Every
 state-changing call is recorded in the audit log (``control.audit``).
+
+An app's configuration (``/v1/apps/{name}/config``) may be set before its
+first deploy, so that the first revision (and, later, a ``git push``) already
+has its database URL or API key: the first deploy of that name picks it up.
+Secret values are in no response, event or audit row (see ``control.store``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from clearway.control.credentials import PIN_HEADER, TOKEN_TTL, ReplicaIdentity,
 from clearway.control.faults import StorageFull
 from clearway.control.reconciler import Reconciler, desired_replicas
 from clearway.control.revisions import RevisionBuilder
-from clearway.control.store import Revision, RevisionState, Store
-from clearway.control.uploads import parse_env, receive
+from clearway.control.store import ConfigScope, Revision, RevisionState, Store
+from clearway.control.uploads import check_env, parse_env, receive
 from clearway.exceptions import APIError
 from clearway.spec.model import json_schema
 
@@ -47,6 +52,20 @@ class ScaleRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     revision: str | None = None
+
+
+#: Longest configuration value accepted (a whole environment must fit the kernel's limit).
+MAX_CONFIG_VALUE = 64 * 1024
+
+
+class ConfigChange(BaseModel):
+    """Keys to set (all plain, or all secret) and keys to unset, in one change."""
+
+    set_: Annotated[
+        dict[str, Annotated[str, Field(max_length=MAX_CONFIG_VALUE)]], Field(alias="set", max_length=1000)
+    ] = Field(default_factory=dict)
+    unset: Annotated[list[str], Field(max_length=1000)] = Field(default_factory=list)
+    secret: bool = False
 
 
 class PinTokenRequest(BaseModel):
@@ -314,6 +333,80 @@ def create_api(
         store.add_event(name, f"scaled {body.component} to {body.replicas}")
         reconciler.poke()
         return {"app": name, "component": body.component, "replicas": body.replicas}
+
+    @api.get("/v1/apps/{name}/config", dependencies=auth, tags=["apps"])
+    async def get_config(name: str) -> dict[str, Any]:
+        """The app's production configuration; secrets show ``"value": null``."""
+        entries = store.config(name)
+        if not entries:
+            need_app(name)
+        return {"app": name, "scope": ConfigScope.PRODUCTION.value, "config": [e.to_json() for e in entries]}
+
+    @api.post("/v1/apps/{name}/config", status_code=202, dependencies=auth, tags=["apps"])
+    async def change_config(request: Request, name: str, body: ConfigChange) -> dict[str, Any]:
+        """Set and unset configuration; the serving code restarts with it as a new revision.
+
+        The new revision has the artifact (code, environment, interpreter) and
+        spec of the revision the app is heading to (the active one, or the one
+        being started), runs through ``starting`` to ``active`` like any deploy
+        and is returned at once; poll ``GET /v1/revisions/{id}``. Without any
+        such revision (no deploy yet, or none serving) the configuration is only
+        stored and ``revision`` is null: the next deploy uses it. The ``--env`` of
+        the deploy the artifact came from still overrides the configuration:
+        ``shadowed`` names the keys set here that it hides.
+        """
+        for key, value in body.set_.items():
+            check_env(key, value)
+        for key in body.unset:
+            check_env(key)
+        if not body.set_ and not body.unset:
+            raise APIError(422, "nothing to change: give keys to set (KEY=VALUE) or to unset")
+        both = sorted(set(body.set_) & set(body.unset))
+        if both:
+            raise APIError(422, f"{', '.join(both)}: both set and unset in one change; do one or the other")
+        known = {e.key for e in store.config(name)}
+        missing = sorted(set(body.unset) - known)
+        if missing:
+            raise APIError(
+                404,
+                f"{name} has no configuration {', '.join(missing)} to unset "
+                f"(set: {', '.join(sorted(known)) or 'nothing'}); `clearway config {name}` lists it",
+            )
+        parts = []
+        if body.set_:
+            parts.append(f"set {', '.join(sorted(body.set_))}" + (" (secret)" if body.secret else ""))
+        if body.unset:
+            parts.append(f"unset {', '.join(sorted(body.unset))}")
+        note(request, app=name, detail="; ".join(parts))
+        running = store.revisions(name, states={RevisionState.STARTING, RevisionState.ACTIVE})
+        base = max(running, key=lambda r: r.started_at or 0, default=None)
+        # Under the artifact lock: garbage collection must not delete the code or
+        # environment the new revision is being made from.
+        async with builder.artifact_lock:
+            store.change_config(name, set_=body.set_, unset=body.unset, secret=body.secret)
+            revision = (
+                None
+                if base is None
+                else store.create_revision(
+                    base.spec,
+                    code_dir=base.code_dir,
+                    app_file=base.app_file,
+                    env=base.deploy_env,
+                    env_digest=base.env_digest,
+                    python=base.python,
+                )
+            )
+        if revision is not None:
+            note(request, detail=f"{'; '.join(parts)}; revision {revision.id} from {base.id if base else '-'}")
+            reconciler.poke()
+        return {
+            "app": name,
+            "revision": revision.id if revision else None,
+            "state": revision.state.value if revision else None,
+            "set": sorted(body.set_),
+            "unset": sorted(body.unset),
+            "shadowed": sorted(set(body.set_) & set(base.deploy_env)) if base else [],
+        }
 
     @api.post("/v1/apps/{name}/rollback", status_code=202, dependencies=auth, tags=["apps"])
     async def rollback(request: Request, name: str, body: RollbackRequest | None = None) -> dict[str, Any]:

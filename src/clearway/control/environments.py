@@ -59,6 +59,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -531,9 +532,9 @@ def _link_runtime(env: Path) -> None:
     with contextlib.suppress(OSError):
         if link.is_symlink() and Path(os.readlink(link)) == package:
             return
-    tmp = link.with_name(f".clearway.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    # A name of its own per call: builds run in threads of one process, and a
+    # name shared by them let one thread remove another's link before its rename.
+    tmp = link.with_name(f".clearway.{os.getpid()}.{secrets.token_hex(8)}.tmp")
     tmp.symlink_to(package, target_is_directory=True)
     os.replace(tmp, link)
 

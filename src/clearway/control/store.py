@@ -21,6 +21,17 @@ Each app gets a uid (= gid) of its own, allocated here on its first deploy from
 a counter that never goes back, so an uid is never handed to a second app, and
 kept when the app is destroyed (a re-created app with the same name owns its
 old files again). The audit log of state-changing API calls lives here too.
+
+An app's configuration (``clearway config set``) is kept per app and per scope
+(`ConfigScope`) and outlives deploys: each new revision stores, at its
+creation, the merged environment ``config < the deploy's --env`` (the spec's
+own ``env`` lies under both, merged by the reconciler), so a revision is still
+immutable and a rollback brings back the configuration it was created with.
+Secret values are stored like plain ones: ``state.db`` is 0600 and the
+platform's alone, and nothing encrypts them at rest (out of scope for now);
+what keeps them secret is that no API view, event or audit row ever holds a
+configuration value (`ConfigEntry.to_json` leaves secrets out, events and
+audit rows name keys only).
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from typing import Any
 from clearway.control.faults import StateIntegrityError, StorageFull, is_disk_full
 from clearway.spec.model import AppSpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: First uid (= gid) handed to an app; the spec-reading child runs as the one below.
 DEFAULT_UID_BASE = 400_000
@@ -75,6 +86,7 @@ CREATE TABLE IF NOT EXISTS revisions (
     env_digest TEXT,
     python TEXT,
     pruned_at REAL,
+    deploy_env TEXT,
     UNIQUE (app, number)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -98,6 +110,15 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_app ON audit(app, id);
+CREATE TABLE IF NOT EXISTS config (
+    app TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    secret INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (app, scope, key)
+);
 """
 
 #: Joined into every revision query so a revision carries its app's uid.
@@ -120,6 +141,31 @@ class RevisionState(enum.StrEnum):
     FAILED = "failed"
 
 
+class ConfigScope(enum.StrEnum):
+    """Where an app's configuration applies. Previews (issue 6) will add their own scope."""
+
+    #: The app's serving revisions: every ``clearway deploy`` and ``clearway config`` change.
+    PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """One configuration variable of an app. The value never reaches a view of a secret."""
+
+    key: str
+    value: str = field(repr=False)
+    secret: bool
+    updated_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "value": None if self.secret else self.value,
+            "secret": self.secret,
+            "updated_at": self.updated_at,
+        }
+
+
 @dataclass(frozen=True)
 class Revision:
     id: str
@@ -128,7 +174,10 @@ class Revision:
     spec: AppSpec
     code_dir: Path
     app_file: str
-    env: dict[str, str]
+    #: The environment it runs with (above the spec's own ``env``): the app's
+    #: configuration when it was created, overridden by ``deploy_env``. Holds
+    #: secret values, hence is in no view.
+    env: dict[str, str] = field(repr=False)
     state: RevisionState
     error: str | None
     created_at: float
@@ -144,6 +193,9 @@ class Revision:
     python: str | None = None
     #: When garbage collection deleted its code snapshot (rollback to it is refused).
     pruned_at: float | None = None
+    #: The ``--env`` of the deploy that made its artifact: a configuration
+    #: change carries it into the revision it makes, still above the configuration.
+    deploy_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -333,7 +385,14 @@ class Store:
         self._db.execute("INSERT INTO meta(key, value) VALUES('commits', '0') ON CONFLICT(key) DO NOTHING")
         # Revisions became artifacts (code digest, environment, interpreter) in schema 3.
         have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(revisions)").fetchall()}
-        for column, kind in (("code_digest", "TEXT"), ("env_digest", "TEXT"), ("python", "TEXT"), ("pruned_at", "REAL")):
+        # ... and kept the deploy's own --env apart from the app's configuration in schema 4.
+        for column, kind in (
+            ("code_digest", "TEXT"),
+            ("env_digest", "TEXT"),
+            ("python", "TEXT"),
+            ("pruned_at", "REAL"),
+            ("deploy_env", "TEXT"),
+        ):
             if column not in have:
                 self._db.execute(f"ALTER TABLE revisions ADD COLUMN {column} {kind}")
 
@@ -486,10 +545,65 @@ class Store:
             db.execute("UPDATE apps SET scale=? WHERE name=?", (json.dumps(scale), app))
 
     def delete_app(self, app: str) -> None:
+        """Forget the app: its revisions, events and configuration (secrets included)."""
         with self.transaction() as db:
+            db.execute("DELETE FROM config WHERE app=?", (app,))
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
             db.execute("DELETE FROM events WHERE app=?", (app,))
             db.execute("DELETE FROM apps WHERE name=?", (app,))
+
+    # -- configuration ------------------------------------------------------------
+    def config(self, app: str, scope: ConfigScope = ConfigScope.PRODUCTION) -> list[ConfigEntry]:
+        """The app's configuration in ``scope``, by key."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, value, secret, updated_at FROM config WHERE app=? AND scope=? ORDER BY key",
+                (app, scope.value),
+            ).fetchall()
+        return [
+            ConfigEntry(key=r["key"], value=r["value"], secret=bool(r["secret"]), updated_at=r["updated_at"])
+            for r in rows
+        ]
+
+    def change_config(
+        self,
+        app: str,
+        *,
+        set_: dict[str, str] | None = None,
+        unset: list[str] | None = None,
+        secret: bool = False,
+        scope: ConfigScope = ConfigScope.PRODUCTION,
+    ) -> None:
+        """Set (every value plain, or every one secret) and unset keys, in one transaction.
+
+        Keys and values are checked by the caller. Unsetting a key that is not
+        set is no error here. The event recorded names keys, never values.
+        """
+        set_ = set_ or {}
+        unset = unset or []
+        now = time.time()
+        with self.transaction() as db:
+            for key, value in set_.items():
+                db.execute(
+                    "INSERT INTO config(app, scope, key, value, secret, updated_at) VALUES(?,?,?,?,?,?) "
+                    "ON CONFLICT(app, scope, key) DO UPDATE SET value=excluded.value, "
+                    "secret=excluded.secret, updated_at=excluded.updated_at",
+                    (app, scope.value, key, value, int(secret), now),
+                )
+            for key in unset:
+                db.execute("DELETE FROM config WHERE app=? AND scope=? AND key=?", (app, scope.value, key))
+            parts = []
+            if set_:
+                parts.append(f"set {', '.join(sorted(set_))}" + (" (secret)" if secret else ""))
+            if unset:
+                parts.append(f"unset {', '.join(sorted(unset))}")
+            if parts and db.execute("SELECT 1 FROM apps WHERE name=?", (app,)).fetchone():
+                self._event(db, app, f"{scope.value} config: {'; '.join(parts)}")
+
+    @staticmethod
+    def _config_env(db: sqlite3.Connection, app: str, scope: ConfigScope) -> dict[str, str]:
+        rows = db.execute("SELECT key, value FROM config WHERE app=? AND scope=?", (app, scope.value)).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     # -- revisions ----------------------------------------------------------
     def create_revision(
@@ -502,10 +616,15 @@ class Store:
         env_digest: str | None = None,
         python: str | None = None,
     ) -> Revision:
-        """Record a new revision in ``STARTING`` (creating the app and its uid on first deploy)."""
+        """Record a new revision in ``STARTING`` (creating the app and its uid on first deploy).
+
+        ``env`` is the deploy's own ``--env``; the revision runs with the app's
+        production configuration as it is in this very transaction, under it.
+        """
         self.allocate_uid(spec.name)
         now = time.time()
         with self.transaction() as db:
+            merged = {**self._config_env(db, spec.name, ConfigScope.PRODUCTION), **env}
             db.execute(
                 "INSERT INTO apps(name, created_at) VALUES(?, ?) ON CONFLICT(name) DO NOTHING",
                 (spec.name, now),
@@ -517,7 +636,8 @@ class Store:
             rev_id = f"{spec.name}-{number}"
             db.execute(
                 "INSERT INTO revisions(id, app, number, spec, code_dir, app_file, env, state,"
-                " created_at, started_at, code_digest, env_digest, python) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " created_at, started_at, code_digest, env_digest, python, deploy_env)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rev_id,
                     spec.name,
@@ -525,13 +645,14 @@ class Store:
                     spec.model_dump_json(),
                     str(code_dir),
                     app_file,
-                    json.dumps(env),
+                    json.dumps(merged),
                     RevisionState.STARTING.value,
                     now,
                     now,
                     code_dir.name,
                     env_digest,
                     python,
+                    json.dumps(env),
                 ),
             )
             self._event(db, spec.name, f"revision {rev_id} created")
@@ -576,6 +697,8 @@ class Store:
             env_digest=row["env_digest"],
             python=row["python"],
             pruned_at=row["pruned_at"],
+            # Before schema 4 there was no configuration: all of env came from --env.
+            deploy_env=json.loads(row["deploy_env"] if row["deploy_env"] is not None else row["env"]),
         )
 
     def mark_pruned(self, rev_ids: list[str]) -> None:

@@ -73,17 +73,22 @@ def parse_env(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise APIError(422, f"env entry #{index} has no '=': write it as KEY=VALUE")
-        if not ENV_KEY.fullmatch(key):
-            shown = key if len(key) <= 64 and key.isprintable() else f"{key[:64]!r}"
-            raise APIError(
-                422,
-                f"env key {shown!r} is not a valid variable name: use letters, digits and '_', "
-                "not starting with a digit",
-            )
-        if "\0" in value:
-            raise APIError(422, f"env {key}: the value contains a NUL byte, which no environment can hold")
+        check_env(key, value)
         pairs[key] = value
     return pairs
+
+
+def check_env(key: str, value: str | None = None) -> None:
+    """Refuse (422) a variable name or value no environment can hold; never echoes the value."""
+    if not ENV_KEY.fullmatch(key):
+        shown = key if len(key) <= 64 and key.isprintable() else f"{key[:64]!r}"
+        raise APIError(
+            422,
+            f"env key {shown!r} is not a valid variable name: use letters, digits and '_', "
+            "not starting with a digit",
+        )
+    if value is not None and "\0" in value:
+        raise APIError(422, f"env {key}: the value contains a NUL byte, which no environment can hold")
 
 
 async def receive(body: AsyncIterator[bytes], directory: Path, *, max_bytes: int) -> Path:
