@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from clearway.control.store import RevisionState, Store
+from clearway.control.store import BuildState, RevisionState, Store
 from clearway.spec import AppSpec, ServiceSpec
 
 
@@ -88,3 +88,22 @@ def test_revisions_from_before_artifacts_are_migrated_and_keep_running_on_the_pl
     assert (new.env_digest, new.python, new.code_digest) == ("sha256:ff", "3.11.7", "cd")
     store.mark_pruned([old.id])
     assert store.revision(old.id).pruned_at is not None  # type: ignore[union-attr]
+
+
+def test_builds_cut_off_by_a_stop_are_failed_with_their_starting_revision(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    spec = AppSpec(name="demo", components=[])
+    revision = store.create_revision(spec, code_dir=tmp_path, app_file="app.py", env={})
+    deploying = store.create_build("demo", ref="refs/heads/main", old_sha="0" * 40, new_sha="1" * 40)
+    store.update_build("demo", deploying.number, state=BuildState.DEPLOYING, revision=revision.id)
+    testing = store.create_build("demo", ref="refs/heads/main", old_sha="1" * 40, new_sha="2" * 40)
+    store.update_build("demo", testing.number, state=BuildState.TESTING)
+    done = store.create_build("demo", ref="refs/heads/main", old_sha="2" * 40, new_sha="3" * 40)
+    store.update_build("demo", done.number, state=BuildState.FAILED)
+
+    assert store.abort_unfinished_builds("cut off") == 2
+    states = {b.number: b.state for b in store.builds("demo")}
+    assert states == {deploying.number: BuildState.FAILED, testing.number: BuildState.FAILED, done.number: BuildState.FAILED}
+    after = store.revision(revision.id)
+    assert after is not None and after.state is RevisionState.FAILED and after.error == "cut off"
+    assert store.abort_unfinished_builds("again") == 0

@@ -487,6 +487,57 @@ def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_w
 
 
 @cli.command()
+@click.argument("app")
+@click.option("--log", "number", type=int, metavar="N", help="Print the output of build N.")
+@click.option("--limit", "-n", type=click.IntRange(1, 1000), default=20, show_default=True, help="How many of the newest builds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def builds(ctx: click.Context, app: str, number: int | None, limit: int, as_json: bool) -> None:
+    """List the builds of APP's git pushes (status, revision), or one build's output."""
+    client = client_of(ctx)
+    if number is not None:
+        build = client.request("GET", f"/v1/apps/{app}/builds/{number}")
+        if as_json:
+            print_json(build)
+            return
+        sys.stdout.write(build["log"])
+        return
+    found = client.request("GET", f"/v1/apps/{app}/builds", params={"limit": limit})
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        out.print(f"no builds of {app} yet: `git push` to `clearway git-url {app}` makes one")
+        return
+    table = Table("BUILD", "STARTED", "COMMIT", "STATUS", "REVISION", box=None, pad_edge=False)
+    for build in reversed(found):
+        table.add_row(
+            str(build["number"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(build["created_at"])),
+            build["new_sha"][:7],
+            build["state"],
+            build["revision"] or "-",
+        )
+    out.print(table)
+
+
+@cli.command("git-url")
+@click.argument("app")
+@click.pass_context
+@run_command
+def git_url(ctx: click.Context, app: str) -> None:
+    """Print APP's git remote URL (on the API port; the token is the password).
+
+    \b
+    git remote add clearway "$(clearway git-url shop)"
+    git config credential.helper '!f() { echo username=x; echo "password=$(cat ~/.clearway/token)"; }; f'
+    """
+    info = client_of(ctx).info
+    sys.stdout.write(f"{info['api_url']}/git/{app}.git\n")
+
+
+@cli.command()
 @click.pass_context
 @run_command
 def metrics(ctx: click.Context) -> None:

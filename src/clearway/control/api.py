@@ -14,10 +14,18 @@ An app's configuration (``/v1/apps/{name}/config``) may be set before its
 first deploy, so that the first revision (and, later, a ``git push``) already
 has its database URL or API key: the first deploy of that name picks it up.
 Secret values are in no response, event or audit row (see ``control.store``).
+
+``/git/<app>.git/...`` is the platform as a git remote (``control.git``): HTTP
+Basic with the API token as the password, answered by ``git http-backend``.
+Its pre-receive hook calls ``POST /v1/git/<app>/push`` with a per-push token
+that is valid for that one push of that one app only; ``GET
+/v1/apps/<app>/builds`` lists what pushes built.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -35,6 +43,7 @@ from clearway.backends.base import Backend, RevisionObservation
 from clearway.control.audit import AuditMiddleware, note
 from clearway.control.credentials import PIN_HEADER, TOKEN_TTL, ReplicaIdentity, SigningKey
 from clearway.control.faults import StorageFull
+from clearway.control.git import PRODUCTION_REF, SERVICES, ZERO_SHA, GitRemote, unauthorized
 from clearway.control.reconciler import Reconciler, desired_replicas
 from clearway.control.revisions import RevisionBuilder
 from clearway.control.store import ConfigScope, Revision, RevisionState, Store
@@ -72,6 +81,18 @@ class PinTokenRequest(BaseModel):
     ttl: Annotated[int, Field(ge=60, le=24 * 3600)] = TOKEN_TTL
 
 
+def basic_password(header: str) -> str:
+    """The password of an ``Authorization: Basic`` header ("" when there is none)."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]
+
+
 def _error(status: int, message: str, *, details: str | None = None, location: str | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "details": details, "location": location}, status_code=status)
 
@@ -85,6 +106,7 @@ def create_api(
     token: str,
     signing: SigningKey,
     on_shutdown: Callable[[], None],
+    git: GitRemote | None = None,
 ) -> FastAPI:
     api = FastAPI(
         title="clearway control plane",
@@ -96,10 +118,14 @@ def create_api(
     def identify(authorization: str) -> str:
         """The audit principal of a request: never raises, never returns the token."""
         scheme, _, given = authorization.partition(" ")
+        if scheme.lower() == "basic":
+            return "operator" if basic_password(authorization) == token else "anonymous"
         if scheme.lower() != "bearer" or not given:
             return "anonymous"
         if hmac.compare_digest(given.encode(), token.encode()):
             return "operator"
+        if git is not None and git.tokens.app_of(given) is not None:
+            return "operator"  # the hook of the operator's own push (control.git)
         identity = signing.read_replica_token(given)
         return identity.replica if identity is not None else "anonymous"
 
@@ -494,6 +520,84 @@ def create_api(
         """
         issued = signing.mint_replica_token(identity, identity.incarnation)
         return {"token": issued.token, "expires_at": issued.expires_at}
+
+    if git is not None:
+        remote = git
+
+        def git_allowed(request: Request) -> bool:
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() == "bearer":
+                return hmac.compare_digest(given.encode(), token.encode())
+            return hmac.compare_digest(basic_password(header).encode(), token.encode())
+
+        async def git_service(request: Request, app: str, service: str) -> Response:
+            if not git_allowed(request):
+                refused(request, "missing or wrong API token")
+                return unauthorized(
+                    "clearway: missing or wrong API token; use it as the password: "
+                    "git remote add clearway http://x:<token>@<API address>/git/APP.git "
+                    "(the token is in $CLEARWAY_HOME/token)"
+                )
+            note(request, app=app)
+            return await remote.serve(request, app, service)
+
+        @api.get("/git/{app}.git/info/refs", tags=["git"], include_in_schema=False)
+        async def git_info_refs(request: Request, app: str) -> Response:
+            return await git_service(request, app, "info/refs")
+
+        @api.post("/git/{app}.git/git-upload-pack", tags=["git"], include_in_schema=False)
+        async def git_upload_pack(request: Request, app: str) -> Response:
+            return await git_service(request, app, "git-upload-pack")
+
+        @api.post("/git/{app}.git/git-receive-pack", tags=["git"], include_in_schema=False)
+        async def git_receive_pack(request: Request, app: str) -> Response:
+            return await git_service(request, app, "git-receive-pack")
+
+        assert set(SERVICES) == {"info/refs", "git-upload-pack", "git-receive-pack"}
+
+        @api.post("/v1/git/{name}/push", tags=["git"])
+        async def git_push(
+            request: Request,
+            name: str,
+            ref: Annotated[str, Query(max_length=1000)],
+            old: Annotated[str, Query(pattern="^[0-9a-f]{40}$")],
+            new: Annotated[str, Query(pattern="^[0-9a-f]{40}$")],
+        ) -> Response:
+            """One ref update of a running push, from the repository's hook (per-push token only).
+
+            Streams progress lines; the last is ``clearway-push: accepted`` or
+            ``clearway-push: rejected``. For the production branch the body is
+            the pushed tree as a gzipped tar.
+            """
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or remote.tokens.app_of(given) != name:
+                raise APIError(401, f"missing or wrong push token: only the hook of a running push to {name} may call this")
+            note(request, app=name, detail=f"push {ref} {old[:12]}..{new[:12]}")
+            upload = None
+            if ref == PRODUCTION_REF and new != ZERO_SHA:
+                upload = await receive(request.stream(), upload_dir, max_bytes=remote.max_push)
+
+            def audit_outcome(detail: str) -> None:
+                note(request, detail=detail)
+
+            return StreamingResponse(
+                remote.push_stream(name, ref=ref, old=old, new=new, upload=upload, audit=audit_outcome),
+                media_type="text/plain; charset=utf-8",
+            )
+
+        @api.get("/v1/apps/{name}/builds", dependencies=auth, tags=["apps"])
+        async def list_builds(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> list[dict[str, Any]]:
+            """The app's newest builds (pushes to its production branch), oldest first."""
+            return [b.to_json() for b in store.builds(name, limit=limit)]
+
+        @api.get("/v1/apps/{name}/builds/{number}", dependencies=auth, tags=["apps"])
+        async def get_build(name: str, number: int) -> dict[str, Any]:
+            """One build with its output (environment, test summary, start)."""
+            found = store.build(name, number)
+            if found is None:
+                raise APIError(404, f"{name} has no build {number}; `clearway builds {name}` lists them")
+            return found.to_json(with_log=True)
 
     @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)
     async def metrics() -> Response:

@@ -170,12 +170,15 @@ def read_dependencies(project: Path) -> Dependencies:
     return Dependencies("none")
 
 
-def input_digest(deps: Dependencies, python_version: str) -> str:
-    """sha256 over what decides the resolution: the files, the interpreter, clearway's needs."""
+def input_digest(deps: Dependencies, python_version: str, extra: tuple[str, ...] = ()) -> str:
+    """sha256 over what decides the resolution: the files, the interpreter, clearway's needs
+    (and the ``extra`` requirements a build adds, such as the test gate's pytest)."""
     h = hashlib.sha256()
     h.update(f"clearway-env-inputs/1\0{deps.source}\0{python_version}\0".encode())
     for requirement in REPLICA_REQUIREMENTS:
         h.update(requirement.encode() + b"\0")
+    if extra:
+        h.update(b"extra\0" + "\0".join(extra).encode() + b"\0")
     for name in sorted(deps.files):
         h.update(name.encode() + b"\0" + hashlib.sha256(deps.files[name]).digest())
     return h.hexdigest()
@@ -347,15 +350,17 @@ class EnvironmentBuilder:
             details=f"interpreters found:\n{found.strip() or '(none)'}\n\n{out.strip()}",
         )
 
-    async def ensure(self, project: Path, *, label: str = "app") -> BuiltEnvironment:
+    async def ensure(self, project: Path, *, label: str = "app", extra: tuple[str, ...] = ()) -> BuiltEnvironment:
         """The environment for ``project`` (a code snapshot), built if needed.
 
-        Raises `APIError` 422, with uv's output as details, when the
-        dependencies cannot be resolved or installed; nothing is left behind.
+        ``extra`` requirements are resolved with the app's and clearway's (the
+        test gate adds ``pytest`` for a project that has tests). Raises
+        `APIError` 422, with uv's output as details, when the dependencies
+        cannot be resolved or installed; nothing is left behind.
         """
         deps = await asyncio.to_thread(read_dependencies, project)
         interpreter = await self.interpreter(deps.requires_python)
-        key = input_digest(deps, interpreter.version)
+        key = input_digest(deps, interpreter.version, extra)
         known = self.inputs / key
         with contextlib.suppress(OSError):
             digest = known.read_text().strip()
@@ -371,18 +376,24 @@ class EnvironmentBuilder:
                     log=f"environment {digest[:19]} reused: dependencies unchanged ({deps.source}), no resolver run",
                 )
         try:
-            return await self._resolve_and_build(deps, project, interpreter, known, label)
+            return await self._resolve_and_build(deps, project, interpreter, known, label, extra)
         except APIError as exc:
             self._write_log(label, f"{exc.message}\n\n{exc.details or ''}")
             raise
 
     async def _resolve_and_build(
-        self, deps: Dependencies, project: Path, interpreter: _Interpreter, known: Path, label: str
+        self,
+        deps: Dependencies,
+        project: Path,
+        interpreter: _Interpreter,
+        known: Path,
+        label: str,
+        extra: tuple[str, ...] = (),
     ) -> BuiltEnvironment:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="resolve-", dir=self.staging) as scratch_name:
             scratch = Path(scratch_name)
-            pins, compile_log = await self._resolve(deps, project, interpreter, scratch)
+            pins, compile_log = await self._resolve(deps, project, interpreter, scratch, extra)
             digest = "sha256:" + env_digest(pins, interpreter.version)
             compiled = scratch / "pinned.txt"
             compiled.write_text("\n".join(pins) + "\n")
@@ -406,7 +417,7 @@ class EnvironmentBuilder:
             (self.logs / f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log").write_text(text)
 
     async def _resolve(
-        self, deps: Dependencies, project: Path, interpreter: _Interpreter, scratch: Path
+        self, deps: Dependencies, project: Path, interpreter: _Interpreter, scratch: Path, extra: tuple[str, ...] = ()
     ) -> tuple[list[str], str]:
         """The pinned set of the app's requirements plus clearway's, or a 422 saying why not."""
         app_in = scratch / "app.in"
@@ -432,7 +443,7 @@ class EnvironmentBuilder:
         else:
             app_in.write_text("")
         runtime_in = scratch / "clearway-runtime.in"
-        runtime_in.write_text("\n".join(REPLICA_REQUIREMENTS) + "\n")
+        runtime_in.write_text("\n".join((*REPLICA_REQUIREMENTS, *extra)) + "\n")
         out_file = scratch / "compiled.txt"
         common = [
             "--python", interpreter.path, "--no-build", "--no-config", "--no-header",

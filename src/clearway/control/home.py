@@ -13,6 +13,7 @@
                      public packages only); .inputs/ maps dependency-file digests to them,
                      .staging/ and .locks/ are where and how they are built
     uploads/         uploads being received (streamed to disk, then unpacked)
+    git/<app>.git/   each app's bare git repository (control.git), with its pre-receive hook
     replicas/<id>/   each replica's own working directory
     logs/            control plane, gateway, access log, logs/<app>/<replica>.log, and
                      logs/builds/ (uv's output of each environment build)

@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ from clearway.control.uploads import DIR_MODE, UploadLimits, unpack
 from clearway.exceptions import APIError, RuntimeStartError
 from clearway.runtime.isolation import Isolation, import_roots, isolated_argv
 from clearway.spec.model import AppSpec
+
+#: A build's extra check of the staged project, its environment and spec (see
+#: `RevisionBuilder.build_with_environment`).
+Check = Callable[[Path, BuiltEnvironment, AppSpec], Awaitable[None]]
 
 #: How long importing the user's app to read its spec may take.
 INSPECT_TIMEOUT = 60.0
@@ -118,9 +123,22 @@ class RevisionBuilder:
         return revision
 
     async def build_with_environment(
-        self, upload: Path, *, app_file: str, env: dict[str, str]
+        self,
+        upload: Path,
+        *,
+        app_file: str,
+        env: dict[str, str],
+        extra: Callable[[Path], tuple[str, ...]] | None = None,
+        check: Check | None = None,
     ) -> tuple[Revision, BuiltEnvironment]:
-        """`build`, also saying how the environment was obtained (built or reused)."""
+        """`build`, also saying how the environment was obtained (built or reused).
+
+        For builds that do more than ``clearway deploy`` (a ``git push``'s test
+        gate): ``extra(project)`` names requirements added to the
+        environment's resolution, and ``check(project, environment, spec)``
+        runs once the spec is read, before anything is stored; raising from it
+        stops the build with nothing left behind.
+        """
         if Path(app_file).is_absolute() or ".." in Path(app_file).parts:
             raise APIError(422, f"app_file {app_file!r} must be a path inside the project")
         try:
@@ -139,11 +157,13 @@ class RevisionBuilder:
                 )
             inspect_gid = self.ownership.inspect_uid
             await asyncio.to_thread(_own, staging, inspect_gid)
-            environment = await self.environments.ensure(staging)
+            environment = await self.environments.ensure(staging, extra=extra(staging) if extra else ())
             with self.environments.pinned(environment.digest):
                 spec = await self._inspect(staging, app_file, python=str(environment.python))
                 if "/" in spec.name or spec.name.startswith("."):
                     raise APIError(422, f"app name {spec.name!r} cannot name a directory")
+                if check is not None:
+                    await check(staging, environment, spec)
                 uid = self.store.allocate_uid(spec.name)
                 gid = uid if self.ownership.as_root else None
                 async with self.artifact_lock:
@@ -186,8 +206,9 @@ class RevisionBuilder:
             raise
         return code_dir
 
-    def _inspect_isolation(self, code_dir: Path, uid: int | None, python: str) -> tuple[Path, Isolation]:
-        """A throwaway workdir (the child's own) and the view the child runs in."""
+    def child_isolation(self, code_dir: Path, uid: int | None, python: str) -> tuple[Path, Isolation]:
+        """A throwaway workdir (the child's own) and the view a child reading or
+        testing the project runs in; the caller deletes the workdir."""
         workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=self.work_root)).resolve()
         if uid is not None:
             os.chown(workdir, uid, uid)
@@ -204,7 +225,7 @@ class RevisionBuilder:
 
     async def _inspect(self, code_dir: Path, app_file: str, *, python: str) -> AppSpec:
         uid = self.ownership.inspect_uid
-        workdir, isolation = await asyncio.to_thread(self._inspect_isolation, code_dir, uid, python)
+        workdir, isolation = await asyncio.to_thread(self.child_isolation, code_dir, uid, python)
         try:
             try:
                 argv = isolated_argv(isolation, [python, "-m", "clearway.sdk.inspect", str(code_dir / app_file)])
@@ -216,7 +237,7 @@ class RevisionBuilder:
                 "LANG": "C.UTF-8",
                 "PYTHONDONTWRITEBYTECODE": "1",
             }
-            code, out, err = await _run_bounded(argv, env=env, time_limit=INSPECT_TIMEOUT)
+            code, out, err = await run_bounded(argv, env=env, time_limit=INSPECT_TIMEOUT)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         if code is None:
@@ -262,7 +283,7 @@ class _Tail:
                 del self.data[: len(self.data) - self.limit]
 
 
-async def _run_bounded(argv: list[str], *, env: dict[str, str], time_limit: float) -> tuple[int | None, bytes, bytes]:
+async def run_bounded(argv: list[str], *, env: dict[str, str], time_limit: float) -> tuple[int | None, bytes, bytes]:
     """Run ``argv``; (exit code or None on timeout, stdout tail, stderr tail).
 
     Ends when the process exits (or is killed at ``time_limit``), whatever its

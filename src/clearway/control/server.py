@@ -40,6 +40,7 @@ import uvicorn
 from clearway.backends.local import LocalBackend, LocalConfig
 from clearway.control.api import create_api
 from clearway.control.credentials import SigningKey
+from clearway.control.git import GitRemote
 from clearway.control.home import Home
 from clearway.control.reconciler import Reconciler
 from clearway.control.retention import DEFAULT_KEEP_REVISIONS, Retention
@@ -146,6 +147,11 @@ class ControlPlane:
         assert token is not None
         signing = SigningKey.load_or_create(self.home.keys)
         store = Store(self.home.db_path, uid_base=self.settings.uid_base, witness=self.home.witness_path)
+        aborted = store.abort_unfinished_builds(
+            "the control plane stopped during this build; the push was not accepted: push again"
+        )
+        if aborted:
+            log.warning("%d build(s) were cut off by the last stop and are marked failed", aborted)
         host, port, api_port, domains = _resolve(store, self.home, self.settings)
         api_sock = _bind("127.0.0.1", api_port, "API", "--api-port")
         if api_port == 0 and api_sock.getsockname()[1] == port:
@@ -209,6 +215,7 @@ class ControlPlane:
             token=token,
             signing=signing,
             on_shutdown=self.request_shutdown,
+            git=GitRemote(self.home.root, store=store, builder=builder, reconciler=reconciler, backend=backend),
         )
         server = _EmbeddedServer(
             uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)

@@ -53,7 +53,7 @@ from typing import Any
 from clearway.control.faults import StateIntegrityError, StorageFull, is_disk_full
 from clearway.spec.model import AppSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: First uid (= gid) handed to an app; the spec-reading child runs as the one below.
 DEFAULT_UID_BASE = 400_000
@@ -119,6 +119,20 @@ CREATE TABLE IF NOT EXISTS config (
     updated_at REAL NOT NULL,
     PRIMARY KEY (app, scope, key)
 );
+CREATE TABLE IF NOT EXISTS builds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    ref TEXT NOT NULL,
+    old_sha TEXT NOT NULL,
+    new_sha TEXT NOT NULL,
+    state TEXT NOT NULL,
+    revision TEXT,
+    log TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE (app, number)
+);
 """
 
 #: Joined into every revision query so a revision carries its app's uid.
@@ -146,6 +160,57 @@ class ConfigScope(enum.StrEnum):
 
     #: The app's serving revisions: every ``clearway deploy`` and ``clearway config`` change.
     PRODUCTION = "production"
+
+
+class BuildState(enum.StrEnum):
+    """Lifecycle of a build: a push to an app's production branch (``control.git``)."""
+
+    #: The pushed commit is being exported, its environment built and its spec read.
+    BUILDING = "building"
+    #: The project's tests run in the built environment (the test gate).
+    TESTING = "testing"
+    #: Its revision is stored and starting; production is not touched until it is ready.
+    DEPLOYING = "deploying"
+    #: Its revision serves; ``revision`` names it. The push was accepted.
+    DEPLOYED = "deployed"
+    #: The tests failed: nothing was deployed and the push was rejected.
+    TESTS_FAILED = "failed tests"
+    #: The spec, the import, the dependencies or the start failed; the push was rejected.
+    FAILED = "failed"
+
+
+#: The most of a build's output kept (its tail).
+MAX_BUILD_LOG = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Build:
+    app: str
+    number: int
+    ref: str
+    old_sha: str
+    new_sha: str
+    state: BuildState
+    revision: str | None
+    log: str
+    created_at: float
+    finished_at: float | None
+
+    def to_json(self, *, with_log: bool = False) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "app": self.app,
+            "number": self.number,
+            "ref": self.ref,
+            "old_sha": self.old_sha,
+            "new_sha": self.new_sha,
+            "state": self.state.value,
+            "revision": self.revision,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+        if with_log:
+            view["log"] = self.log
+        return view
 
 
 @dataclass(frozen=True)
@@ -550,6 +615,7 @@ class Store:
             db.execute("DELETE FROM config WHERE app=?", (app,))
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
             db.execute("DELETE FROM events WHERE app=?", (app,))
+            db.execute("DELETE FROM builds WHERE app=?", (app,))
             db.execute("DELETE FROM apps WHERE name=?", (app,))
 
     # -- configuration ------------------------------------------------------------
@@ -754,6 +820,99 @@ class Store:
                 (RevisionState.FAILED.value, error, rev_id),
             )
             self._event(db, app, f"revision {rev_id} failed: {error.splitlines()[0] if error else ''}")
+
+    # -- builds -------------------------------------------------------------
+    def create_build(self, app: str, *, ref: str, old_sha: str, new_sha: str) -> Build:
+        """A new build of ``app`` (numbered per app, from 1), in state ``building``."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT MAX(number) FROM builds WHERE app=?", (app,)).fetchone()
+            number = int(row[0] or 0) + 1
+            db.execute(
+                "INSERT INTO builds(app, number, ref, old_sha, new_sha, state, created_at) VALUES(?,?,?,?,?,?,?)",
+                (app, number, ref, old_sha, new_sha, BuildState.BUILDING.value, now),
+            )
+        build = self.build(app, number)
+        assert build is not None
+        return build
+
+    def update_build(
+        self,
+        app: str,
+        number: int,
+        *,
+        state: BuildState | None = None,
+        revision: str | None = None,
+        log: str | None = None,
+    ) -> None:
+        """Move a build on; ``log`` is appended (the tail of `MAX_BUILD_LOG` is kept)."""
+        finished = state in (BuildState.DEPLOYED, BuildState.TESTS_FAILED, BuildState.FAILED)
+        with self.transaction() as db:
+            if state is not None:
+                db.execute(
+                    "UPDATE builds SET state=?, finished_at=? WHERE app=? AND number=?",
+                    (state.value, time.time() if finished else None, app, number),
+                )
+            if revision is not None:
+                db.execute("UPDATE builds SET revision=? WHERE app=? AND number=?", (revision, app, number))
+            if log:
+                db.execute(
+                    "UPDATE builds SET log=substr(log || ?, -?) WHERE app=? AND number=?",
+                    (log, MAX_BUILD_LOG, app, number),
+                )
+
+    def abort_unfinished_builds(self, reason: str) -> int:
+        """Fail every build still running, at start-up: none can be, its push ended
+        with the control plane, and git did not move the ref. A revision such a
+        build had already created is failed too while still starting, so a
+        rejected push never reaches production. Returns how many were failed."""
+        unfinished = (BuildState.BUILDING.value, BuildState.TESTING.value, BuildState.DEPLOYING.value)
+        marks = ",".join("?" * len(unfinished))
+        with self.transaction() as db:
+            revisions = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT revision FROM builds WHERE state IN ({marks}) AND revision IS NOT NULL", unfinished
+                )
+            ]
+            for rev_id in revisions:
+                db.execute(
+                    "UPDATE revisions SET state=?, error=? WHERE id=? AND state=?",
+                    (RevisionState.FAILED.value, reason, rev_id, RevisionState.STARTING.value),
+                )
+            cursor = db.execute(
+                f"UPDATE builds SET state=?, finished_at=?, log=substr(log || ?, -?) WHERE state IN ({marks})",
+                (BuildState.FAILED.value, time.time(), f"\n{reason}\n", MAX_BUILD_LOG, *unfinished),
+            )
+            return cursor.rowcount
+
+    def build(self, app: str, number: int) -> Build | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM builds WHERE app=? AND number=?", (app, number)).fetchone()
+        return None if row is None else self._build(row)
+
+    def builds(self, app: str, *, limit: int = 20) -> list[Build]:
+        """The newest ``limit`` builds of ``app``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM builds WHERE app=? ORDER BY number DESC LIMIT ?", (app, limit)
+            ).fetchall()
+        return [self._build(r) for r in reversed(rows)]
+
+    @staticmethod
+    def _build(row: sqlite3.Row) -> Build:
+        return Build(
+            app=row["app"],
+            number=row["number"],
+            ref=row["ref"],
+            old_sha=row["old_sha"],
+            new_sha=row["new_sha"],
+            state=BuildState(row["state"]),
+            revision=row["revision"],
+            log=row["log"],
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+        )
 
     # -- events -------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,520 @@
+"""The platform as a git remote: ``git push clearway main`` builds, tests and deploys.
+
+Repositories are bare, one per app, at ``$CLEARWAY_HOME/git/<app>.git``,
+created on the first push (``git init --bare``) with force pushes allowed
+(``receive.denyNonFastForwards=false``), pushes over HTTP enabled
+(``http.receivepack=true``) and a cap on a pack's size
+(``receive.maxInputSize``). The protocol is not ours: the real ``git
+http-backend`` serves it, run as a CGI program for each request of the three
+smart-HTTP routes (``GET /git/<app>.git/info/refs``, ``POST
+.../git-upload-pack``, ``POST .../git-receive-pack``) with an environment made
+from scratch — ``GIT_PROJECT_ROOT``, ``GIT_HTTP_EXPORT_ALL``, the CGI
+variables, ``REMOTE_USER`` and nothing of the control plane's own environment
+or secrets. A request body is streamed to a file (refused with 413 past
+``UploadLimits.max_compressed``, like a ``clearway deploy`` upload, so a push
+is never held in memory and a too-large one gets a clean answer rather than a
+connection cut mid-response), then fed to the backend; the backend's output
+is streamed back as it comes, which is what lets build output reach the
+pusher while the push is still running.
+
+**Why the API port, not the gateway's.** The gateway is the front door of
+untrusted apps, on whatever address the operator exposed; the git remote takes
+the operator's API token, so it lives where the rest of the operator's API
+lives, on the loopback API port. Authentication is HTTP Basic with the API
+token as the password (any user name), because that is what git's credential
+machinery speaks: a missing or wrong token gets 401 with ``WWW-Authenticate:
+Basic realm="clearway"``, so git asks its credential helper or the terminal.
+
+**Building on push.** Each repository has a ``pre-receive`` hook (written by
+`GitRemote.ensure_repo`, see ``control.git_hook``) run by ``git
+receive-pack`` once the pack is received but before any ref moves. For every
+ref update it calls ``POST /v1/git/<app>/push`` on the API. For the production
+branch (`PRODUCTION_BRANCH`) the hook sends the pushed tree as a gzipped tar
+(``git archive``: the hook runs inside git's quarantine, where the new objects
+are visible; the control plane, outside it, could not read them yet), and the
+control plane builds it exactly as ``clearway deploy`` builds an upload
+(``RevisionBuilder``: snapshot, environment, spec), plus the test gate
+(``control.testgate``), then waits for the revision to serve. Progress is
+streamed back line by line; the hook prints it, so the pusher reads it as
+``remote:`` lines, ending with the app's URL. Any failure — a spec error, an
+import error, unresolvable dependencies, failing tests, a revision that does
+not start, another push having moved the branch meanwhile — makes the hook
+exit non-zero: git rejects the push, the ref does not move, and production was
+never touched (the serving revision only ever changes to a revision that
+became ready). Deleting the production branch is refused. Other branches are
+accepted into the repository; previews are not built yet, and the pusher is
+told so.
+
+**The hook's credential.** The hook must not hold the operator's token: git's
+environment reaches every hook and every program they start. Each
+``git-receive-pack`` request mints a random *push token*, known only in memory
+and only for that one request (it dies when the request ends), and bound to
+that one app: it authorises ``POST /v1/git/<app>/push`` and nothing else. It
+reaches the hook through the CGI environment (``CLEARWAY_PUSH_TOKEN``), with
+the API's loopback URL and the production ref.
+
+Builds of one app are serialised by a per-app lock; each is a row of the
+``builds`` table (``control.store.Build``: state, revision, output) that
+``clearway builds APP`` lists. Every push is in the audit log twice: the
+``git-receive-pack`` call (principal ``operator``), and one row per ref update
+naming the ref, the old and new commits and the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from clearway.backends.base import Backend
+from clearway.control.environments import BuiltEnvironment
+from clearway.control.faults import StorageFull, is_disk_full
+from clearway.control.reconciler import Reconciler
+from clearway.control.revisions import CHILD_PATH, RevisionBuilder
+from clearway.control.store import BuildState, RevisionState, Store
+from clearway.control.testgate import has_tests, requirements_for, run_tests
+from clearway.control.uploads import MiB
+from clearway.exceptions import APIError
+from clearway.spec.ids import check_name
+from clearway.spec.model import AppSpec
+
+__all__ = ["PRODUCTION_BRANCH", "ZERO_SHA", "GitRemote", "PushTokens", "unauthorized"]
+
+log = logging.getLogger("clearway.control")
+
+#: The branch whose pushes are built, tested and deployed.
+PRODUCTION_BRANCH = "main"
+PRODUCTION_REF = f"refs/heads/{PRODUCTION_BRANCH}"
+#: git's "no commit": the old value of a created ref, the new value of a deleted one.
+ZERO_SHA = "0" * 40
+#: The last line of a push's progress stream: the hook's exit status.
+ACCEPTED = "clearway-push: accepted"
+REJECTED = "clearway-push: rejected"
+#: How long a pushed revision may take to become ready before the push is rejected.
+START_TIMEOUT = 900.0
+#: The three smart-HTTP services, and the methods they are called with.
+SERVICES = {"info/refs": "GET", "git-upload-pack": "POST", "git-receive-pack": "POST"}
+
+_HOOK = """#!/bin/sh
+# Written by clearway (control.git): builds, tests and deploys pushes to {branch}.
+exec {python} -m clearway.control.git_hook
+"""
+
+
+def unauthorized(message: str) -> Response:
+    """401 asking git for credentials (HTTP Basic, the API token as the password)."""
+    return Response(
+        message + "\n",
+        status_code=401,
+        media_type="text/plain",
+        headers={"www-authenticate": 'Basic realm="clearway"'},
+    )
+
+
+@dataclass
+class PushTokens:
+    """The per-push credentials of running ``git-receive-pack`` requests (see the docstring)."""
+
+    _live: dict[str, str] = field(default_factory=dict)
+
+    def mint(self, app: str) -> str:
+        token = secrets.token_urlsafe(32)
+        self._live[token] = app
+        return token
+
+    def app_of(self, token: str) -> str | None:
+        # A dict lookup, not a loop of comparisons: a token is 256 random bits.
+        return self._live.get(token)
+
+    def revoke(self, token: str) -> None:
+        self._live.pop(token, None)
+
+
+class GitRemote:
+    """Serves ``/git/<app>.git`` with ``git http-backend`` and builds pushes to production."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        store: Store,
+        builder: RevisionBuilder,
+        reconciler: Reconciler,
+        backend: Backend,
+        git: str | None = None,
+    ) -> None:
+        self.root = home / "git"
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        self.store = store
+        self.builder = builder
+        self.reconciler = reconciler
+        self.backend = backend
+        self.git = git or shutil.which("git") or "git"
+        self.tokens = PushTokens()
+        self.max_push = builder.limits.max_compressed
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- repositories --------------------------------------------------------------
+    def repo(self, app: str) -> Path:
+        return self.root / f"{app}.git"
+
+    def _git_env(self) -> dict[str, str]:
+        return {"PATH": CHILD_PATH, "HOME": str(self.root), "GIT_CONFIG_NOSYSTEM": "1", "LANG": "C.UTF-8"}
+
+    async def _run_git(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            self.git,
+            *args,
+            env=self._git_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace").strip()
+
+    async def ensure_repo(self, app: str) -> Path:
+        """The app's bare repository, created on first use, with the hook (re)written."""
+        path = self.repo(app)
+        if not (path / "HEAD").is_file():
+            code, out = await self._run_git("init", "--bare", "--quiet", f"--initial-branch={PRODUCTION_BRANCH}", str(path))
+            if code != 0:
+                raise APIError(500, f"cannot create the repository of {app}: {out}")
+        for key, value in (
+            ("receive.denyNonFastForwards", "false"),
+            ("receive.denyDeletes", "false"),
+            ("http.receivepack", "true"),
+            ("receive.maxInputSize", str(self.max_push)),
+        ):
+            code, out = await self._run_git("--git-dir", str(path), "config", key, value)
+            if code != 0:
+                raise APIError(500, f"cannot configure the repository of {app}: {out}")
+        hook = path / "hooks" / "pre-receive"
+        hook.parent.mkdir(exist_ok=True)
+        text = _HOOK.format(branch=PRODUCTION_BRANCH, python=_shell_quote(sys.executable))
+        if not hook.is_file() or hook.read_text() != text:
+            tmp = hook.with_name(f".pre-receive.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.chmod(0o755)
+            os.replace(tmp, hook)
+        return path
+
+    async def _ref(self, app: str, ref: str) -> str:
+        code, out = await self._run_git("--git-dir", str(self.repo(app)), "rev-parse", "--verify", "--quiet", ref)
+        return out if code == 0 else ZERO_SHA
+
+    # -- smart HTTP ----------------------------------------------------------------------
+    async def serve(self, request: Request, app: str, service: str) -> Response:
+        """Run ``git http-backend`` for one smart-HTTP request (already authenticated)."""
+        try:
+            check_name(app, "app")
+        except ValueError as exc:
+            return Response(f"{exc}\n", status_code=404, media_type="text/plain")
+        query = request.url.query
+        pushing = service == "git-receive-pack" or (service == "info/refs" and "service=git-receive-pack" in query)
+        if pushing:
+            await self.ensure_repo(app)
+        elif not (self.repo(app) / "HEAD").is_file():
+            return Response(f"no repository for {app} yet: push to it first\n", status_code=404, media_type="text/plain")
+        body: Path | None = None
+        token: str | None = None
+        try:
+            if SERVICES[service] == "POST":
+                body = await self._spool(request)
+            env = {
+                **self._git_env(),
+                "GIT_PROJECT_ROOT": str(self.root),
+                "GIT_HTTP_EXPORT_ALL": "1",
+                "GIT_HTTP_MAX_REQUEST_BUFFER": str(self.max_push),
+                "PATH_INFO": f"/{app}.git/{service}",
+                "REQUEST_METHOD": request.method,
+                "QUERY_STRING": query,
+                "CONTENT_TYPE": request.headers.get("content-type", ""),
+                "REMOTE_USER": "operator",
+                "REMOTE_ADDR": request.client.host if request.client else "",
+            }
+            if body is not None:
+                env["CONTENT_LENGTH"] = str(body.stat().st_size)
+            for header in ("content-encoding", "git-protocol"):
+                if header in request.headers:
+                    env["HTTP_" + header.upper().replace("-", "_")] = request.headers[header]
+            if service == "git-receive-pack":
+                token = self.tokens.mint(app)
+                host, port = request.scope["server"] or ("127.0.0.1", 0)
+                env["CLEARWAY_PUSH_TOKEN"] = token
+                env["CLEARWAY_API_URL"] = f"http://{host}:{port}"
+                env["CLEARWAY_PRODUCTION_REF"] = PRODUCTION_REF
+            return await self._cgi(env, body, token)
+        except BaseException:
+            if token is not None:
+                self.tokens.revoke(token)
+            if body is not None:
+                body.unlink(missing_ok=True)
+            raise
+
+    async def _spool(self, request: Request) -> Path:
+        """The request body in a file of its own (see the module docstring); 413 past the cap."""
+        declared = request.headers.get("content-length", "")
+        too_large = APIError(413, f"the push is larger than {self.max_push // MiB} MiB: leave data and build output out of the repository")
+        if declared.isdigit() and int(declared) > self.max_push:
+            raise too_large
+        fd, name = tempfile.mkstemp(prefix="git-", dir=self.builder.work_root)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_push:
+                        raise too_large
+                    handle.write(chunk)
+        except BaseException as exc:
+            os.unlink(name)
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise StorageFull(self.builder.work_root, what="receiving the push") from exc
+            raise
+        return Path(name)
+
+    async def _cgi(self, env: dict[str, str], body: Path | None, token: str | None) -> Response:
+        stdin = body.open("rb") if body is not None else None
+        stderr = tempfile.TemporaryFile(dir=self.builder.work_root)  # noqa: SIM115 - closed by finish(), after the response
+        proc = await asyncio.create_subprocess_exec(
+            self.git,
+            "http-backend",
+            env=env,
+            stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def finish() -> None:
+            if stdin is not None:
+                stdin.close()
+            if body is not None:
+                body.unlink(missing_ok=True)
+            if token is not None:
+                self.tokens.revoke(token)
+            stderr.seek(0)
+            errors = stderr.read()[-4000:].decode(errors="replace").strip()
+            stderr.close()
+            if errors:
+                log.warning("git http-backend: %s", errors)
+
+        try:
+            status, headers = await _read_cgi_headers(stdout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            finish()
+            raise
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await stdout.read(65536):
+                    yield chunk
+            finally:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                await proc.wait()
+                finish()
+
+        media_type = headers.pop("content-type", None)
+        return StreamingResponse(relay(), status_code=status, headers=headers, media_type=media_type)
+
+    # -- building a push -------------------------------------------------------------
+    def push_stream(
+        self,
+        app: str,
+        *,
+        ref: str,
+        old: str,
+        new: str,
+        upload: Path | None,
+        audit: Callable[[str], None],
+    ) -> AsyncIterator[bytes]:
+        """The progress lines of one ref update, ending with `ACCEPTED` or `REJECTED`."""
+
+        async def lines() -> AsyncIterator[bytes]:
+            queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+            async def work() -> bool:
+                try:
+                    return await self._update(app, ref=ref, old=old, new=new, upload=upload, say=queue.put_nowait)
+                finally:
+                    queue.put_nowait(None)
+
+            task = asyncio.create_task(work(), name=f"git-push-{app}")
+            try:
+                while (line := await queue.get()) is not None:
+                    yield (line + "\n").encode()
+                try:
+                    accepted = await task
+                except Exception as exc:
+                    log.exception("building the push of %s %s failed", app, ref)
+                    yield f"error: {exc}\n".encode()
+                    accepted = False
+                audit(f"push {ref} {old[:12]}..{new[:12]}: {'accepted' if accepted else 'rejected'}")
+                yield ((ACCEPTED if accepted else REJECTED) + "\n").encode()
+            finally:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                if upload is not None:
+                    await asyncio.to_thread(upload.unlink, missing_ok=True)
+
+        return lines()
+
+    async def _update(
+        self, app: str, *, ref: str, old: str, new: str, upload: Path | None, say: Callable[[str], None]
+    ) -> bool:
+        if ref != PRODUCTION_REF:
+            if new == ZERO_SHA:
+                say(f"{ref} deleted")
+            elif ref.startswith("refs/heads/"):
+                branch = ref.removeprefix("refs/heads/")
+                say(
+                    f"{branch} stored; previews are not built yet: push to {PRODUCTION_BRANCH} to deploy "
+                    f"(git push clearway {branch}:{PRODUCTION_BRANCH})"
+                )
+            return True
+        if new == ZERO_SHA:
+            say(
+                f"refusing to delete {PRODUCTION_BRANCH}: it is what {app} serves. "
+                f"`clearway destroy {app}` removes the app"
+            )
+            return False
+        if upload is None:
+            say("error: the hook sent no archive of the pushed commit")
+            return False
+        lock = self._locks.setdefault(app, asyncio.Lock())
+        if lock.locked():
+            say(f"waiting for another push to {app} to finish…")
+        async with lock:
+            current = await self._ref(app, ref)
+            if current != old:
+                say(
+                    f"{PRODUCTION_BRANCH} moved to {current[:7]} while this push waited: "
+                    "`git pull` (or fetch and rebase) and push again"
+                )
+                return False
+            return await self._build(app, ref=ref, old=old, new=new, upload=upload, say=say)
+
+    async def _build(
+        self, app: str, *, ref: str, old: str, new: str, upload: Path, say: Callable[[str], None]
+    ) -> bool:
+        build = self.store.create_build(app, ref=ref, old_sha=old, new_sha=new)
+        number = build.number
+
+        def note(line: str) -> None:
+            say(line)
+            self.store.update_build(app, number, log=line + "\n")
+
+        started = time.monotonic()
+        note(f"build {number} of {app}: {PRODUCTION_BRANCH} at {new[:7]}; preparing the environment…")
+
+        async def check(project: Path, environment: BuiltEnvironment, spec: AppSpec) -> None:
+            if spec.name != app:
+                raise APIError(
+                    422,
+                    f"app.py names the app {spec.name!r} but was pushed to {app}.git: push it to "
+                    f"{spec.name}.git (`clearway git-url {spec.name}`) or rename the app",
+                )
+            note(environment.log)
+            if not has_tests(project):
+                note("no tests (no tests/ directory or test_*.py files): the test gate is skipped")
+                return
+            self.store.update_build(app, number, state=BuildState.TESTING)
+            note("running the tests: python -m pytest -q")
+            result = await run_tests(self.builder, project, python=str(environment.python))
+            for line in result.summary.splitlines():
+                note(f"  {line}")
+            if not result.passed:
+                raise _TestsFailed()
+            note("tests passed")
+
+        try:
+            revision, _ = await self.builder.build_with_environment(
+                upload, app_file="app.py", env={}, extra=requirements_for, check=check
+            )
+        except _TestsFailed:
+            note(f"✗ tests failed: nothing was deployed, {PRODUCTION_BRANCH} stays where it was")
+            self.store.update_build(app, number, state=BuildState.TESTS_FAILED)
+            return False
+        except APIError as exc:
+            note(f"✗ {exc.message}")
+            for line in (exc.details or "").strip().splitlines()[-40:]:
+                note(f"  {line}")
+            note(f"nothing was deployed, {PRODUCTION_BRANCH} stays where it was")
+            self.store.update_build(app, number, state=BuildState.FAILED)
+            return False
+        self.store.update_build(app, number, state=BuildState.DEPLOYING, revision=revision.id)
+        self.reconciler.poke()
+        note(f"revision {revision.id} starting…")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            current = self.store.revision(revision.id)
+            state = current.state if current else RevisionState.FAILED
+            if state is RevisionState.ACTIVE:
+                break
+            if state in (RevisionState.FAILED, RevisionState.RETIRED) or time.monotonic() > deadline:
+                error = (current.error if current else None) or f"it did not become ready within {START_TIMEOUT:.0f}s"
+                note(f"✗ {revision.id} did not start; the previous revision (if any) keeps serving")
+                for line in error.strip().splitlines()[-40:]:
+                    note(f"  {line}")
+                self.store.update_build(app, number, state=BuildState.FAILED)
+                return False
+            if self.reconciler.fault:
+                note(f"✗ {revision.id} cannot make progress: {self.reconciler.fault}")
+                self.store.update_build(app, number, state=BuildState.FAILED)
+                return False
+            # The revision's state lives in the store, moved by the reconciler: poll it.
+            await asyncio.sleep(0.1)
+        assert current is not None
+        note(f"✓ {revision.id} is serving ({time.monotonic() - started:.1f}s)")
+        for url in self.backend.urls(current.spec):
+            note(f"  {url}")
+        self.store.update_build(app, number, state=BuildState.DEPLOYED)
+        return True
+
+
+class _TestsFailed(Exception):
+    """The test gate said no (its output was streamed already)."""
+
+
+async def _read_cgi_headers(stdout: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """Status and headers of a CGI response (the lines before the first empty one)."""
+    status = 200
+    headers: dict[str, str] = {}
+    while True:
+        line = await stdout.readline()
+        if not line:
+            raise APIError(502, "git http-backend ended without answering")
+        text = line.decode("latin-1").rstrip("\r\n")
+        if not text:
+            return status, headers
+        name, _, value = text.partition(":")
+        if name.lower() == "status":
+            status = int(value.strip().split(" ", 1)[0])
+        else:
+            headers[name.strip().lower()] = value.strip()
+
+
+def _shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
