@@ -173,3 +173,19 @@ def test_artifact_references_resolve_to_this_machines_paths(tmp_path: Path) -> N
     assert store.python(current) == str(tmp_path / "envs" / ("cd" * 32) / "bin" / "python")
     # Revisions from before per-app environments run as they always did.
     assert store.python(Artifact(code="ab" * 32, env=None, python="3.11.7")) == "/usr/bin/python3"
+
+
+def test_uv_gets_the_machines_tls_and_proxy_settings_and_no_other_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host with a private CA (or a TLS-inspecting proxy) reaches no index without these.
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("UV_INDEX_URL", "https://index.internal/simple")
+    monkeypatch.setenv("CLEARWAY_TEST_SECRET", "do-not-pass")
+    env = EnvironmentBuilder(tmp_path).uv_env()
+    assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"
+    assert env["UV_INDEX_URL"] == "https://index.internal/simple"
+    assert env["UV_PYTHON_DOWNLOADS"] == "never"
+    assert "CLEARWAY_TEST_SECRET" not in env

@@ -43,8 +43,10 @@ readable by all (0755): they hold only public packages, and every app uid must
 be able to run its own; no app can write them.
 
 uv runs with the control plane's ``UV_*`` variables (index URL, find-links,
-cache directory, offline mode), ``HOME`` (the default cache's location) and
-``PATH`` (where interpreters are found) and nothing else, with
+cache directory, offline mode), ``HOME`` (the default cache's location),
+``PATH`` (where interpreters are found), the machine's TLS trust and proxy
+settings (`NETWORK_VARIABLES`: a host behind a TLS-inspecting proxy or with a
+private CA cannot reach an index without them) and nothing else, with
 ``UV_PYTHON_DOWNLOADS=never`` and ``--no-config`` (an app's ``uv.toml`` does
 not steer the platform). It installs wheels only (``--no-build``): building
 an sdist runs the package's code, and uv runs as the platform's user.
@@ -104,6 +106,20 @@ PLATFORM_PYTHON_VERSION = ".".join(str(part) for part in sys.version_info[:3])
 
 #: How long one uv command may take (a cold resolve and download of a big set).
 UV_TIMEOUT = 900.0
+
+#: How the machine reaches package indexes: CA bundles and proxies, honoured by uv.
+NETWORK_VARIABLES = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+)
 #: The most of uv's output kept for an error's details.
 _MAX_OUTPUT = 64 * 1024
 #: Written into every environment: what it was built from (for people and GC).
@@ -294,7 +310,7 @@ class EnvironmentBuilder:
     # -- building -----------------------------------------------------------------
     def uv_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k.startswith("UV_")}
-        for name in ("HOME", "PATH"):
+        for name in ("HOME", "PATH", *NETWORK_VARIABLES):
             if name in os.environ:
                 env[name] = os.environ[name]
         env["UV_PYTHON_DOWNLOADS"] = "never"
