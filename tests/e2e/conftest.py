@@ -21,3 +21,21 @@ def write_app(root: Path, body: str, *, name: str = "demo") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "app.py").write_text(f"import clearway as cw\napp = cw.App({name!r})\n{body}")
     return root
+
+
+ASGI_APP = """
+@app.service(replicas={replicas}, public=True, health="/healthz")
+def web():
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b"ok" if scope["path"] == "/healthz" else {text!r}.encode()
+        await send({{"type": "http.response.start", "status": 200, "headers": []}})
+        await send({{"type": "http.response.body", "body": body}})
+    return asgi
+"""
+
+
+def asgi_app(text: str, replicas: int = 2) -> str:
+    """A public ASGI service answering ``text`` (``/healthz``: ok), for ``write_app``."""
+    return ASGI_APP.format(text=text, replicas=replicas)

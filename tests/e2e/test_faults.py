@@ -25,28 +25,15 @@ import httpx
 import pytest
 
 from clearway.runtime.process import is_alive
-from tests.e2e.conftest import write_app
+from tests.e2e.conftest import asgi_app, write_app
 from tests.e2e.platform import Load, Platform, all_pids_under, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MiB = 1024 * 1024
 
-SERVICE = """
-@app.service(replicas={replicas}, public=True, health="/healthz")
-def web():
-    async def asgi(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        body = b"ok" if scope["path"] == "/healthz" else {text!r}.encode()
-        await send({{"type": "http.response.start", "status": 200, "headers": []}})
-        await send({{"type": "http.response.body", "body": body}})
-    return asgi
-"""
-
-
-def service(text: str, replicas: int = 1) -> str:
-    return SERVICE.format(text=text, replicas=replicas)
+def service(text: str) -> str:
+    return asgi_app(text, replicas=1)
 
 
 def wait_until_dead(pid: int, within: float = 30) -> None:

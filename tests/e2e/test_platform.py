@@ -12,26 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import write_app
+from tests.e2e.conftest import asgi_app, write_app
 from tests.e2e.platform import EXAMPLES, Gate, Load, Platform, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-ASGI_APP = """
-@app.service(replicas={replicas}, public=True, health="/healthz")
-def web():
-    async def asgi(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        body = b"ok" if scope["path"] == "/healthz" else {text!r}.encode()
-        await send({{"type": "http.response.start", "status": 200, "headers": []}})
-        await send({{"type": "http.response.body", "body": body}})
-    return asgi
-"""
-
-
-def asgi_app(text: str, replicas: int = 2) -> str:
-    return ASGI_APP.format(text=text, replicas=replicas)
 
 
 def test_hello_example_answers_on_its_url_from_every_replica(platform: Platform) -> None:

@@ -206,7 +206,7 @@ class RevisionBuilder:
             raise
         return code_dir
 
-    def child_isolation(self, code_dir: Path, uid: int | None, python: str) -> tuple[Path, Isolation]:
+    def _child_isolation(self, code_dir: Path, uid: int | None, python: str) -> tuple[Path, Isolation]:
         """A throwaway workdir (the child's own) and the view a child reading or
         testing the project runs in; the caller deletes the workdir."""
         workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=self.work_root)).resolve()
@@ -223,23 +223,48 @@ class RevisionBuilder:
         )
         return workdir, isolation
 
-    async def _inspect(self, code_dir: Path, app_file: str, *, python: str) -> AppSpec:
+    async def run_isolated(
+        self,
+        code_dir: Path,
+        command: list[str],
+        *,
+        python: str,
+        what: str,
+        time_limit: float,
+        extra_env: dict[str, str] | None = None,
+    ) -> tuple[int | None, bytes, bytes]:
+        """Run ``command`` on the project in ``code_dir`` as the dedicated child uid,
+        isolated like a replica, with a minimal environment and a throwaway workdir.
+
+        The one way the control plane runs project code (reading the spec, the test
+        gate): nothing of its own environment reaches the child. Returns
+        (exit code or None on timeout, stdout, stderr)."""
         uid = self.ownership.inspect_uid
-        workdir, isolation = await asyncio.to_thread(self.child_isolation, code_dir, uid, python)
+        workdir, isolation = await asyncio.to_thread(self._child_isolation, code_dir, uid, python)
         try:
             try:
-                argv = isolated_argv(isolation, [python, "-m", "clearway.sdk.inspect", str(code_dir / app_file)])
+                argv = isolated_argv(isolation, command)
             except RuntimeStartError as exc:
-                raise APIError(503, f"cannot isolate the import of {app_file}: {exc}") from None
+                raise APIError(503, f"cannot isolate {what}: {exc}") from None
             env = {
                 "PATH": CHILD_PATH,
                 "HOME": str(workdir),
                 "LANG": "C.UTF-8",
                 "PYTHONDONTWRITEBYTECODE": "1",
+                **(extra_env or {}),
             }
-            code, out, err = await run_bounded(argv, env=env, time_limit=INSPECT_TIMEOUT)
+            return await _run_bounded(argv, env=env, time_limit=time_limit)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+
+    async def _inspect(self, code_dir: Path, app_file: str, *, python: str) -> AppSpec:
+        code, out, err = await self.run_isolated(
+            code_dir,
+            [python, "-m", "clearway.sdk.inspect", str(code_dir / app_file)],
+            python=python,
+            what=f"the import of {app_file}",
+            time_limit=INSPECT_TIMEOUT,
+        )
         if code is None:
             raise APIError(
                 422,
@@ -283,7 +308,7 @@ class _Tail:
                 del self.data[: len(self.data) - self.limit]
 
 
-async def run_bounded(argv: list[str], *, env: dict[str, str], time_limit: float) -> tuple[int | None, bytes, bytes]:
+async def _run_bounded(argv: list[str], *, env: dict[str, str], time_limit: float) -> tuple[int | None, bytes, bytes]:
     """Run ``argv``; (exit code or None on timeout, stdout tail, stderr tail).
 
     Ends when the process exits (or is killed at ``time_limit``), whatever its

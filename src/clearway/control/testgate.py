@@ -12,7 +12,7 @@ with tests and the same project deployed with ``clearway deploy`` resolve to
 two environments (the second without pytest): the cache keeps both.
 
 The tests are untrusted code like the app, so they run exactly where the spec
-is read (``RevisionBuilder.child_isolation``, see ``control.revisions``): the
+is read (``RevisionBuilder.run_isolated``, see ``control.revisions``): the
 spec-reading uid, ``$CLEARWAY_HOME`` hidden, the staged project read-only, a
 throwaway writable workdir as ``HOME`` and current directory, and a minimal
 environment. Hence ``-p no:cacheprovider`` (the project directory is
@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from clearway.control.revisions import CHILD_PATH, RevisionBuilder, run_bounded
-from clearway.exceptions import APIError, RuntimeStartError
-from clearway.runtime.isolation import isolated_argv
+from clearway.control.revisions import RevisionBuilder
 
 __all__ = ["SUMMARY_LINES", "TEST_REQUIREMENTS", "TEST_TIMEOUT", "TestResult", "has_tests", "run_tests"]
 
@@ -66,27 +63,15 @@ def requirements_for(project: Path) -> tuple[str, ...]:
 
 async def run_tests(builder: RevisionBuilder, project: Path, *, python: str) -> TestResult:
     """Run ``python -m pytest -q`` on ``project``, isolated (see the module docstring)."""
-    uid = builder.ownership.inspect_uid
     root = await asyncio.to_thread(os.path.realpath, project)
-    workdir, isolation = await asyncio.to_thread(builder.child_isolation, project, uid, python)
-    try:
-        try:
-            argv = isolated_argv(
-                isolation,
-                [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--color=no", root],
-            )
-        except RuntimeStartError as exc:
-            raise APIError(503, f"cannot isolate the project's tests: {exc}") from None
-        env = {
-            "PATH": CHILD_PATH,
-            "HOME": str(workdir),
-            "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONPATH": root,
-        }
-        code, out, err = await run_bounded(argv, env=env, time_limit=TEST_TIMEOUT)
-    finally:
-        await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+    code, out, err = await builder.run_isolated(
+        project,
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--color=no", root],
+        python=python,
+        what="the project's tests",
+        time_limit=TEST_TIMEOUT,
+        extra_env={"PYTHONPATH": root},
+    )
     text = (out + err).decode(errors="replace").replace(root + "/", "")
     lines = text.rstrip().splitlines()[-SUMMARY_LINES:]
     if code is None:
