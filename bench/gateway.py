@@ -135,24 +135,16 @@ http {{
 
 
 @contextlib.contextmanager
-def clearway_gateway(
-    tmp: Path, port: int, backend_port: int, cpus: str | None = None
+def run_gateway(
+    tmp: Path, port: int, table: dict[str, object], cpus: str | None = None, extra_args: tuple[str, ...] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """clearway's gateway on ``port`` serving ``table`` (a routes.json document)."""
     routes = tmp / "routes.json"
-    routes.write_text(
-        json.dumps(
-            {
-                "version": 1, "generation": 1, "domains": ["localhost"],
-                "routes": [{"app": "bench", "host": "bench", "prefix": "/",
-                            "targets": [{"revision": "bench-1", "weight": 100,
-                                         "endpoints": [f"127.0.0.1:{backend_port}"]}]}],
-            }
-        )
-    )
+    routes.write_text(json.dumps(table))
     proc = subprocess.Popen(
         pinned(
             [sys.executable, "-m", "clearway.gateway", "--listen", f"127.0.0.1:{port}",
-             "--routes", str(routes), "--admin-socket", str(tmp / "gateway.sock")],
+             "--routes", str(routes), "--admin-socket", str(tmp / "gateway.sock"), *extra_args],
             cpus,
         ),
         stdout=subprocess.PIPE,
@@ -165,6 +157,20 @@ def clearway_gateway(
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+@contextlib.contextmanager
+def clearway_gateway(
+    tmp: Path, port: int, backend_port: int, cpus: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    table: dict[str, object] = {
+        "version": 1, "generation": 1, "domains": ["localhost"],
+        "routes": [{"app": "bench", "host": "bench", "prefix": "/",
+                    "targets": [{"revision": "bench-1", "weight": 100,
+                                 "endpoints": [f"127.0.0.1:{backend_port}"]}]}],
+    }
+    with run_gateway(tmp, port, table, cpus) as proc:
+        yield proc
 
 
 def wrk(

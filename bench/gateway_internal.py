@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from gateway import (
     free_port,
     median_run,
     nginx,
-    pinned,
+    run_gateway,
     wait_for_port,
     wrk,
 )
@@ -68,36 +67,17 @@ def replica_token(key: Ed25519PrivateKey) -> str:
 @contextlib.contextmanager
 def gateway(tmp: Path, port: int, backend: str, key_path: Path, cpus: str | None) -> Iterator[subprocess.Popen[bytes]]:
     target = [{"revision": "bench-1", "weight": 100, "endpoints": [backend]}]
-    routes = tmp / "routes.json"
-    routes.write_text(
-        json.dumps(
-            {
-                "version": 1, "generation": 1, "domains": ["localhost"],
-                "identities": {REPLICA: INCARNATION},
-                "routes": [
-                    {"app": "bench", "host": "bench", "prefix": "/", "targets": target},
-                    {"app": "bench", "host": "internal", "prefix": "/", "internal": True,
-                     "allow": [{"app": "client", "revision": None, "component": None}], "targets": target},
-                ],
-            }
-        )
-    )
-    proc = subprocess.Popen(
-        pinned(
-            [sys.executable, "-m", "clearway.gateway", "--listen", f"127.0.0.1:{port}", "--routes", str(routes),
-             "--admin-socket", str(tmp / "gateway.sock"), "--identity-key", str(key_path)],
-            cpus,
-        ),
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    if proc.stdout.readline() != b"READY\n":
-        raise RuntimeError("the gateway did not start")
-    try:
+    table: dict[str, object] = {
+        "version": 1, "generation": 1, "domains": ["localhost"],
+        "identities": {REPLICA: INCARNATION},
+        "routes": [
+            {"app": "bench", "host": "bench", "prefix": "/", "targets": target},
+            {"app": "bench", "host": "internal", "prefix": "/", "internal": True,
+             "allow": [{"app": "client", "revision": None, "component": None}], "targets": target},
+        ],
+    }
+    with run_gateway(tmp, port, table, cpus, ("--identity-key", str(key_path))) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def main() -> int:
