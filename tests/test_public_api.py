@@ -11,6 +11,7 @@ EXPECTED = {
     "AppLoadError",
     "AppSpec",
     "AuthenticationError",
+    "CanaryPolicy",
     "ClearwayError",
     "Component",
     "ControlPlaneError",
@@ -34,7 +35,7 @@ def test_exported_members_are_exactly_the_public_api() -> None:
 
 def test_every_exported_exception_is_a_clearway_error() -> None:
     # Every exported exception derives from the one base class users catch.
-    for name in EXPECTED - {"App", "AppSpec", "Component", "ServiceSpec", "WorkerSpec", "__version__", "identity_headers", "service_url"}:
+    for name in EXPECTED - {"App", "AppSpec", "CanaryPolicy", "Component", "ServiceSpec", "WorkerSpec", "__version__", "identity_headers", "service_url"}:
         assert issubclass(getattr(clearway, name), clearway.ClearwayError), name
 
 

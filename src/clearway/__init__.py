@@ -23,7 +23,7 @@ from clearway.exceptions import (
     SpecError,
 )
 from clearway.sdk import App, Component, identity_headers, service_url
-from clearway.spec import AppSpec, ServiceSpec, WorkerSpec
+from clearway.spec import AppSpec, CanaryPolicy, ServiceSpec, WorkerSpec
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "AppLoadError",
     "AppSpec",
     "AuthenticationError",
+    "CanaryPolicy",
     "ClearwayError",
     "Component",
     "ControlPlaneError",

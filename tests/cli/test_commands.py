@@ -62,8 +62,13 @@ def test_pin_token_prints_a_header_the_gateway_honours(platform: Platform) -> No
 
     pinned = platform.get("alpha", headers={"x-clearway-revision": "alpha-1", header: token})
     assert pinned.status_code == 200 and pinned.text == "ok", pinned.text
-    unpinned = platform.get("alpha", headers={"x-clearway-revision": "alpha-1"})
-    assert unpinned.status_code == 403, unpinned.text
+    # alpha-1 has all the traffic: a pin to it opens nothing, so the token is not needed ...
+    assert platform.get("alpha", headers={"x-clearway-revision": "alpha-1"}).status_code == 200
+    # ... but outside the split it is, and the gateway reads this one: it is alpha-1's.
+    unpinned = platform.get("alpha", headers={"x-clearway-revision": "alpha-9"})
+    assert unpinned.status_code == 403 and "needs a pin token" in unpinned.text, unpinned.text
+    mismatch = platform.get("alpha", headers={"x-clearway-revision": "alpha-9", header: token})
+    assert mismatch.status_code == 403 and "is for app 'alpha' revision alpha-1" in mismatch.text, mismatch.text
 
     as_json: dict[str, Any] = json.loads(platform.cli("pin-token", "alpha-1", "--json", "--ttl", "120").stdout)
     assert as_json["header"] == "x-clearway-pin-token" and as_json["expires_at"] > 0, as_json

@@ -1,8 +1,9 @@
 """A fake of the backend protocol for control-plane tests: it runs nothing.
 
 It records what the control plane asks for and answers with what the test set:
-readiness per revision, whether the data plane confirms (`converged`), and
-which incarnation each replica runs with.
+readiness per revision, whether the data plane confirms (`converged`),
+which incarnation each replica runs with, and the gateway's traffic counters
+(`samples`). `split(app)` is the last traffic split the control plane applied.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from clearway.backends.base import (
     DesiredState,
     ReplicaInfo,
     RevisionObservation,
+    TrafficSample,
 )
+from clearway.spec.ids import branch_label, commit_label
 from clearway.spec.model import AppSpec
 
 
@@ -27,6 +30,8 @@ class FakeBackend:
     #: What `converged` answers.
     confirms: bool = True
     incarnations: dict[str, str] = field(default_factory=dict)
+    #: What `traffic` answers: the gateway's counters per revision, as the test sets them.
+    samples: dict[str, TrafficSample] = field(default_factory=dict)
 
     async def start(self) -> None:
         pass
@@ -55,8 +60,12 @@ class FakeBackend:
     def replicas(self, app: str) -> list[ReplicaInfo]:
         return []
 
-    def urls(self, spec: AppSpec) -> list[str]:
-        return [f"http://{spec.name}.localhost:8080/"]
+    def urls(self, spec: AppSpec, *, branch: str | None = None, commit: str | None = None) -> list[str]:
+        if branch is None and commit is None:
+            return [f"http://{spec.name}.localhost:8080/"]
+        labels = [branch_label(branch)] if branch is not None else []
+        labels += [commit_label(commit)] if commit is not None else []
+        return [f"http://{label}.{spec.name}.localhost:8080/" for label in labels]
 
     async def logs(
         self, app: str, *, revision: str | None, component: str | None, tail: int, follow: bool
@@ -71,6 +80,9 @@ class FakeBackend:
     async def close(self, *, stop_workloads: bool) -> None:
         pass
 
-    def traffic(self, app: str) -> dict[str, int]:
+    async def traffic(self) -> Mapping[str, TrafficSample]:
+        return dict(self.samples)
+
+    def split(self, app: str) -> dict[str, int]:
         """The last applied traffic split of ``app``."""
         return {t.revision: t.weight for t in self.applied[-1].traffic.get(app, [])}

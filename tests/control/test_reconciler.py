@@ -44,7 +44,7 @@ async def test_a_ready_revision_that_the_data_plane_never_confirms_fails_and_the
     backend.confirms = False
     await reconciler.reconcile_once()
     assert store.revision(two.id).state is RevisionState.STARTING  # type: ignore[union-attr]
-    assert backend.traffic("hello") == {one.id: 100, two.id: 0}
+    assert backend.split("hello") == {one.id: 100, two.id: 0}
 
     clock.now = (two.started_at or 0) + 10 + STARTUP_MARGIN + 1
     await reconciler.reconcile_once()
@@ -52,7 +52,7 @@ async def test_a_ready_revision_that_the_data_plane_never_confirms_fails_and_the
     assert failed is not None and failed.state is RevisionState.FAILED
     assert "did not confirm serving it" in (failed.error or "")
     assert store.revision(one.id).state is RevisionState.ACTIVE  # type: ignore[union-attr]
-    assert backend.traffic("hello") == {one.id: 100}
+    assert backend.split("hello") == {one.id: 100}
 
 
 async def test_workloads_carry_the_apps_uid_only_when_uids_are_assigned(tmp_path: Path) -> None:

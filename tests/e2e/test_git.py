@@ -1,23 +1,29 @@
 """The platform as a git remote, end to end: the real git client pushes to the
-real control plane, which builds, tests (the test gate) and deploys."""
+real control plane, which builds, tests (the test gate) and deploys: production
+as a canary, every other branch as a preview. One platform serves the module;
+each test has an app of its own."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.platform import Platform
+from clearway.control import git, git_hook
+from tests.e2e.platform import Platform, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 #: A service answering "<VERSION>|<revision>"; tests check `answer()`.
 APP = """import clearway as cw
 
-app = cw.App("gitapp")
+app = cw.App({name!r})
 VERSION = {version!r}
 
 
@@ -50,8 +56,9 @@ def test_answer():
 class Repo:
     """A working copy with the platform as its ``clearway`` remote."""
 
-    def __init__(self, root: Path, platform: Platform, *, token: str | None) -> None:
+    def __init__(self, root: Path, platform: Platform, *, token: str | None, app: str = "gitapp") -> None:
         self.root = root
+        self.app = app
         root.mkdir(parents=True)
         self.env = {
             **os.environ,
@@ -63,7 +70,7 @@ class Repo:
             "GIT_COMMITTER_NAME": "t",
             "GIT_COMMITTER_EMAIL": "t@example.com",
         }
-        url = platform.cli("git-url", "gitapp").stdout.strip()
+        url = platform.cli("git-url", app).stdout.strip()
         if token is not None:
             url = url.replace("http://", f"http://x:{token}@")
         self.git("init", "-q", "-b", "main")
@@ -78,7 +85,8 @@ class Repo:
         return result
 
     def commit(self, version: str, *, answer: int = 42, app: str | None = None) -> str:
-        (self.root / "app.py").write_text(app if app is not None else APP.format(version=version, answer=answer))
+        source = APP.format(name=self.app, version=version, answer=answer)
+        (self.root / "app.py").write_text(app if app is not None else source)
         (self.root / "tests").mkdir(exist_ok=True)
         (self.root / "tests" / "test_app.py").write_text(TESTS)
         self.git("add", "-A")
@@ -89,9 +97,29 @@ class Repo:
         return self.git("push", "clearway", *args, check=False)
 
 
-def remote_sha(platform: Platform, ref: str = "refs/heads/main") -> str | None:
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    running = Platform(home=tmp_path_factory.mktemp("git") / "home", port=free_port())
+    running.up()
+    try:
+        yield running
+    finally:
+        running.down()
+
+
+def wait_until(condition: Callable[[], bool], *, within: float = 60, what: str = "the condition") -> None:
+    """Poll ``condition`` until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    pause = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {within:.0f}s")
+        pause.wait(0.1)
+
+
+def remote_sha(platform: Platform, ref: str = "refs/heads/main", app: str = "gitapp") -> str | None:
     result = subprocess.run(
-        ["git", "--git-dir", str(platform.home / "git" / "gitapp.git"), "rev-parse", "--verify", "--quiet", ref],
+        ["git", "--git-dir", str(platform.home / "git" / f"{app}.git"), "rev-parse", "--verify", "--quiet", ref],
         capture_output=True,
         text=True,
         timeout=30,
@@ -141,22 +169,28 @@ def test_push_to_deploy(platform: Platform, tmp_path: Path) -> None:
     assert remote_sha(platform) == first
     assert platform.get("gitapp").text == "v1|gitapp-1"
 
-    # A force push (history rewritten past the rejected commits) deploys.
+    # A force push (history rewritten past the rejected commits) goes out as a
+    # canary beside v1: the push is accepted once the rollout starts, with its plan.
     repo.git("reset", "-q", "--hard", first)
     fixed = repo.commit("v4")
     forced = repo.push("--force", "main")
     assert forced.returncode == 0, forced.stderr
+    assert "goes out as a canary" in forced.stderr
+    assert "canary rollout: 5% → 25% → 50% → 100%" in forced.stderr
+    assert "promotes in 1m30s at the earliest" in forced.stderr
+    assert "`clearway rollout status gitapp`" in forced.stderr
+    assert f"remote:   http://{fixed[:7]}.gitapp.localhost:" in forced.stderr
     assert remote_sha(platform) == fixed
-    assert platform.get("gitapp").text.startswith("v4|")
+    canary = platform.get(f"{fixed[:7]}.gitapp").text
+    assert canary.startswith("v4|"), canary
+    assert platform.get("gitapp").text in ("v1|gitapp-1", canary)
 
-    # Another branch: stored, not built.
-    repo.git("checkout", "-q", "-b", "feature-x")
-    feature = repo.commit("v5")
-    branch = repo.push("feature-x")
-    assert branch.returncode == 0, branch.stderr
-    assert "previews are not built yet" in branch.stderr
-    assert remote_sha(platform, "refs/heads/feature-x") == feature
-    assert platform.get("gitapp").text.startswith("v4|")
+    # A tag: stored, not built.
+    repo.git("tag", "v4")
+    tagged = repo.push("v4")
+    assert tagged.returncode == 0, tagged.stderr
+    assert "only branches (refs/heads/*) are built" in tagged.stderr
+    assert remote_sha(platform, "refs/tags/v4") == fixed
 
     # Deleting the production branch is refused.
     deleting = repo.push(":main")
@@ -176,3 +210,57 @@ def test_push_to_deploy(platform: Platform, tmp_path: Path) -> None:
     audit = platform.cli("audit", "--app", "gitapp", "--json").stdout
     assert "push refs/heads/main" in audit
     assert '"principal": "operator"' in audit
+
+
+def test_previews(platform: Platform, tmp_path: Path) -> None:
+    token = (platform.home / "token").read_text().strip()
+    repo = Repo(tmp_path / "work", platform, token=token, app="preview")
+    repo.commit("p1")
+    assert repo.push("main").returncode == 0
+    assert platform.get("preview").text == "p1|preview-1"
+
+    # A branch is built, tested and served as a preview at its branch and commit
+    # hosts; production is not touched.
+    repo.git("checkout", "-q", "-b", "feature-x")
+    first = repo.commit("p2")
+    pushed = repo.push("feature-x")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "1 passed" in pushed.stderr
+    assert "✓ preview-2 is serving preview feature-x" in pushed.stderr
+    assert "remote:   http://feature-x.preview.localhost:" in pushed.stderr
+    assert f"remote:   http://{first[:7]}.preview.localhost:" in pushed.stderr
+    assert platform.get("feature-x.preview").text == "p2|preview-2"
+    assert platform.get(f"{first[:7]}.preview").text == "p2|preview-2"
+    assert platform.get("preview").text == "p1|preview-1"
+
+    # Pushed again: the preview serves the new commit.
+    second = repo.commit("p3")
+    again = repo.push("feature-x")
+    assert again.returncode == 0, again.stderr
+    assert platform.get("feature-x.preview").text == "p3|preview-3"
+    assert platform.get(f"{second[:7]}.preview").text == "p3|preview-3"
+    assert platform.get("preview").text == "p1|preview-1"
+
+    # Failing tests reject a preview like production: the preview stays as it was.
+    repo.commit("p4", answer=41)
+    failing = repo.push("feature-x")
+    assert failing.returncode != 0
+    assert "tests failed" in failing.stderr
+    assert remote_sha(platform, "refs/heads/feature-x", app="preview") == second
+    assert platform.get("feature-x.preview").text == "p3|preview-3"
+
+    # Deleting the branch tears the preview down.
+    deleted = repo.push(":feature-x")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "its preview (preview-3) is torn down" in deleted.stderr
+    assert remote_sha(platform, "refs/heads/feature-x", app="preview") is None
+    wait_until(lambda: platform.get("feature-x.preview").status_code == 404, what="the preview host answering 404")
+    assert platform.get("preview").text == "p1|preview-1"
+
+
+def test_hook_sends_what_the_control_plane_reads() -> None:
+    """The hook (standard library only) keeps its own copy of the rule: they agree."""
+    zero, sha = git.ZERO_SHA, "a" * 40
+    for ref in ("refs/heads/main", "refs/heads/feature/x", "refs/heads/", "refs/tags/v1", "refs/notes/x", "HEAD"):
+        for new in (zero, sha):
+            assert git_hook.carries_archive(ref, new) == git.carries_archive(ref, new), (ref, new)

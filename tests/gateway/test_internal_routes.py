@@ -18,6 +18,7 @@ from clearway.gateway._identity import (
     IdentityVerifier,
     check_caller,
     check_pin,
+    cookie_pin,
     load_public_key,
 )
 from clearway.gateway._metrics import Metrics
@@ -121,6 +122,23 @@ def test_pins(issuer: TokenIssuer, verifier: IdentityVerifier) -> None:
     replica_token = issuer.replica("shop-1.web.0", "inc-a").encode()
     wrong_kind = check_pin(verifier, replica_token, "shop", "shop-1")
     assert wrong_kind is not None and (wrong_kind.status, wrong_kind.reason) == (403, "pin-token-invalid")
+
+
+@pytest.mark.parametrize(
+    ("header", "revision"),
+    [
+        (b"clearway-revision=shop-2", "shop-2"),
+        (b"a=1; clearway-revision=shop-2; b=2", "shop-2"),
+        (b'a=1;clearway-revision="shop-2"', "shop-2"),
+        (b"clearway-revision=shop-2; clearway-revision=shop-1", "shop-2"),  # the most specific comes first
+        (b"xclearway-revision=shop-2", None),  # another cookie whose name ends the same
+        (b"Clearway-Revision=shop-2", None),  # cookie names are case-sensitive
+        (b"clearway-revision=", None),
+        (b"session=clearway-revision=shop-2", None),  # in another cookie's value
+    ],
+)
+def test_cookie_pin(header: bytes, revision: str | None) -> None:
+    assert cookie_pin(header) == revision
 
 
 def test_no_key_refuses_everything(issuer: TokenIssuer) -> None:

@@ -78,6 +78,77 @@ async def test_weighted_split_and_header_pin(
         assert not forwarded & {"x-clearway-revision", "x-clearway-pin-token"}
 
 
+async def test_pins_to_a_weighted_revision_need_no_token(
+    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A client may stay on either side of a split (a rollout's canary): it could land there anyway."""
+    issuer = TokenIssuer()
+    gw = await start_gateway(
+        identity_key=issuer.write_public_key(tmp_path / "signing.pub.pem"),
+        routes=table(
+            {
+                "app": "hello", "host": "hello",
+                "targets": [
+                    {"revision": "hello-1", "weight": 95, "endpoints": [replica.address]},
+                    {"revision": "hello-2", "weight": 5, "endpoints": [replica2.address]},
+                    {"revision": "hello-3", "weight": 0, "endpoints": [replica2.address]},
+                ],
+            }
+        ),
+    )
+
+    async def get(**headers: str) -> httpx.Response:
+        return await client.get(f"{gw.url}/", headers={"host": "hello.localhost", **headers})
+
+    cookie = "theme=dark; clearway-revision=hello-2; session=abc"
+    for _ in range(10):
+        r = await get(**{"x-clearway-revision": "hello-2"})
+        assert r.status_code == 200 and r.json()["replica"] == "r2"
+        r = await get(cookie=cookie)
+        assert r.status_code == 200 and r.json()["replica"] == "r2"
+        assert ["cookie", cookie] in r.json()["headers"]  # the app gets its cookies as sent
+    # Quoted, and the header wins over the cookie.
+    r = await get(cookie='clearway-revision="hello-2"')
+    assert r.json()["replica"] == "r2"
+    r = await get(cookie="clearway-revision=hello-2", **{"x-clearway-revision": "hello-1"})
+    assert r.json()["replica"] == "r1"
+
+    # Outside the split a header pin still needs a pin token ...
+    r = await get(**{"x-clearway-revision": "hello-3"})
+    assert r.status_code == 403 and "needs a pin token" in r.text
+    r = await get(**{"x-clearway-revision": "hello-9"})
+    assert r.status_code == 403
+    # ... and a cookie pin is not a way around it: it is ignored.
+    served: Counter[str] = Counter()
+    for _ in range(20):
+        r = await get(cookie="clearway-revision=hello-3")
+        assert r.status_code == 200
+        served[r.json()["replica"]] += 1
+    assert served["r1"] >= 15, served  # the normal 95/5 split, not the weight-0 revision
+
+
+async def test_a_stale_cookie_falls_back_to_the_split(
+    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    """After a rollback the canary has weight 0; browsers still sending its cookie get the stable."""
+    gw = await start_gateway(
+        table(
+            {
+                "app": "hello", "host": "hello",
+                "targets": [
+                    {"revision": "hello-1", "weight": 100, "endpoints": [replica.address]},
+                    {"revision": "hello-2", "weight": 0, "endpoints": [replica2.address]},
+                ],
+            }
+        )
+    )
+    for cookie in ("clearway-revision=hello-2", "clearway-revision=gone-7; a=b", "xclearway-revision=hello-2"):
+        r = await client.get(f"{gw.url}/", headers={"host": "hello.localhost", "cookie": cookie})
+        assert r.status_code == 200 and r.json()["replica"] == "r1", cookie
+        assert ["cookie", cookie] in r.json()["headers"]
+    assert replica2.control.requests == []
+
+
 @pytest.mark.timeout(20)
 async def test_held_request_is_released_by_a_reload(
     replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient

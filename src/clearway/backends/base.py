@@ -62,9 +62,25 @@ class TrafficTarget:
 
 
 @dataclass(frozen=True)
+class HostAlias:
+    """More hosts of an app: ``<label>.<app>`` served by ``targets``.
+
+    A preview of a branch (``feature-x.shop``) and the revision built from a
+    commit (``abc1234.shop``) are aliases; the app's own host (``shop``)
+    follows ``DesiredState.traffic``.
+    """
+
+    app: str
+    label: str
+    targets: list[TrafficTarget]
+
+
+@dataclass(frozen=True)
 class DesiredState:
     workloads: list[Workload] = field(default_factory=list)
+    #: The app's production traffic, by app (its own host and ``/_apps/<app>/...``).
     traffic: Mapping[str, list[TrafficTarget]] = field(default_factory=dict)
+    aliases: list[HostAlias] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,84 @@ class ReplicaInfo:
         }
 
 
+@dataclass(frozen=True)
+class TrafficSample:
+    """One reading of a revision's request counters at the gateway.
+
+    The counters only grow while the gateway runs, so what happened between
+    two readings is ``later.minus(earlier)``; the canary analysis
+    (``clearway.control.analysis``) judges such windows.  A counter that went
+    down means the gateway restarted and its counts began again: that window
+    is unknown, not negative, so ``minus`` answers None.
+    """
+
+    by_class: tuple[int, int, int, int, int]
+    """Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx."""
+    buckets: tuple[int, ...]
+    """Request durations, NON-cumulative: ``buckets[i]`` counts durations in
+    ``(bounds[i-1], bounds[i]]``; the extra last slot counts those above the last bound."""
+    bounds: tuple[float, ...]
+    """Upper bounds of the buckets in seconds, increasing (the gateway's ``DURATION_BUCKETS``)."""
+
+    def __post_init__(self) -> None:
+        if len(self.by_class) != 5:
+            raise ValueError(f"a traffic sample has 5 status classes, not {len(self.by_class)}")
+        if len(self.buckets) != len(self.bounds) + 1:
+            raise ValueError(
+                f"a traffic sample has one bucket per bound plus +Inf: "
+                f"{len(self.buckets)} buckets for {len(self.bounds)} bounds"
+            )
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...]) -> TrafficSample:
+        """No requests yet (a revision the gateway has not counted anything for)."""
+        return cls((0, 0, 0, 0, 0), (0,) * (len(bounds) + 1), bounds)
+
+    @property
+    def total(self) -> int:
+        """Every answered request (4xx and 5xx included)."""
+        return sum(self.by_class)
+
+    @property
+    def errors(self) -> int:
+        """Answers with a 5xx status: the server's failures."""
+        return self.by_class[4]
+
+    def minus(self, earlier: TrafficSample) -> TrafficSample | None:
+        """What happened since ``earlier``; None when a counter went backwards (the gateway restarted)
+        or the two readings use different buckets."""
+        if earlier.bounds != self.bounds:
+            return None
+        a, b, c, d, e = (now - then for now, then in zip(self.by_class, earlier.by_class, strict=True))
+        buckets = tuple(now - then for now, then in zip(self.buckets, earlier.buckets, strict=True))
+        if min(a, b, c, d, e) < 0 or min(buckets) < 0:
+            return None
+        return TrafficSample((a, b, c, d, e), buckets, self.bounds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by_class": list(self.by_class), "buckets": list(self.buckets), "bounds": list(self.bounds)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrafficSample:
+        """The sample ``to_json`` wrote (raises ValueError on anything else)."""
+        try:
+            by_class = [_count(v) for v in data["by_class"]]
+            buckets = tuple(_count(v) for v in data["buckets"])
+            bounds = tuple(float(v) for v in data["bounds"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a traffic sample: {exc!r}") from exc
+        if len(by_class) != 5:
+            raise ValueError(f"a traffic sample has 5 status classes, not {len(by_class)}")
+        a, b, c, d, e = by_class
+        return cls((a, b, c, d, e), buckets, bounds)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a traffic counter must be a non-negative integer, not {value!r}")
+    return value
+
+
 class Backend(Protocol):
     """What the control plane needs from an engine."""
 
@@ -144,14 +238,17 @@ class Backend(Protocol):
 
     def replicas(self, app: str) -> list[ReplicaInfo]: ...
 
-    def urls(self, spec: AppSpec) -> list[str]:
-        """Public URLs of an app."""
+    def urls(self, spec: AppSpec, *, branch: str | None = None, commit: str | None = None) -> list[str]:
+        """Public URLs of an app; of a preview of ``branch`` and/or of a ``commit`` when given."""
 
     def logs(self, app: str, *, revision: str | None, component: str | None, tail: int, follow: bool) -> AsyncIterator[str]:
         """Log lines of an app's replicas, prefixed with the replica id."""
 
     async def metrics(self) -> str:
         """Data-plane metrics in Prometheus text format."""
+
+    async def traffic(self) -> Mapping[str, TrafficSample]:
+        """The data plane's request counters now, per revision id (empty when it cannot tell)."""
 
     async def close(self, *, stop_workloads: bool) -> None:
         """Stop watching; with ``stop_workloads`` also stop every replica and the gateway."""

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
+from clearway.cli import render
 from clearway.cli.client import Client
 from clearway.cli.packaging import pack
 from clearway.control.home import Home
@@ -179,12 +180,19 @@ def down(ctx: click.Context) -> None:
 @click.argument("path", type=click.Path(path_type=Path), default=".")
 @click.option("--file", "app_file", help="The app file inside PATH (default app.py).")
 @click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE", help="Environment for this revision (repeatable).")
+@click.option("--canary", is_flag=True, help="Go out as a canary rollout (the app's canary policy) beside the serving revision.")
 @click.option("--no-wait", is_flag=True, help="Return once the revision is accepted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the revision as JSON.")
 @click.pass_context
 @run_command
-def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str, ...], no_wait: bool, as_json: bool) -> None:
-    """Deploy the app in PATH as a new revision; waits until it serves."""
+def deploy(
+    ctx: click.Context, path: Path, app_file: str | None, env: tuple[str, ...], canary: bool, no_wait: bool, as_json: bool
+) -> None:
+    """Deploy the app in PATH as a new revision; waits until it serves.
+
+    With --canary it waits until the new revision gets its first share of
+    traffic; `clearway rollout status APP` follows the rest.
+    """
     path = path.resolve()
     if not path.exists():
         fail(f"{path} does not exist: pass the directory of your project (it holds app.py)")
@@ -203,12 +211,15 @@ def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str,
         if "\0" in value:
             fail(f"--env {key}: the value contains a NUL byte")
     client = client_of(ctx)
+    params: dict[str, Any] = {"app_file": app_file, "env": list(env)}
+    if canary:
+        params["canary"] = "true"
     with err.status(f"uploading {root.name} and preparing its environment…"):
         archive = pack(root)
         accepted = client.request(
             "POST",
             "/v1/deploy",
-            params={"app_file": app_file, "env": list(env)},
+            params=params,
             content=archive,
             headers={"content-type": "application/gzip"},
             # Resolving and downloading a new dependency set can take minutes.
@@ -217,6 +228,8 @@ def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str,
     err.print(f"revision [bold]{accepted['revision']}[/] accepted", markup=True)
     if accepted.get("environment"):
         err.print(f"  {accepted['environment']['log']}", markup=False)
+    if accepted.get("canary"):
+        err.print(render.plan_line(accepted["canary"]), markup=False)
     if no_wait:
         if as_json:
             print_json(accepted)
@@ -224,20 +237,32 @@ def deploy(ctx: click.Context, path: Path, app_file: str | None, env: tuple[str,
     revision = wait_for_revision(client, accepted["revision"])
     app = client.request("GET", f"/v1/apps/{revision['app']}")
     if as_json:
-        print_json({"revision": revision, "urls": app["urls"]})
+        print_json({"revision": revision, "urls": app["urls"], "rollout": app.get("rollout")})
         return
-    out.print(f"[green]✓[/] {revision['id']} is serving")
+    if revision["state"] == "canary":
+        out.print(f"[green]✓[/] {rich_escape(render.canary_outcome(revision, app.get('rollout')))}", markup=True)
+    elif canary:
+        out.print(f"[green]✓[/] {revision['id']} is serving (no stable revision to compare it with: served directly)")
+    else:
+        out.print(f"[green]✓[/] {revision['id']} is serving")
     for url in app["urls"]:
         out.print(f"  {url}")
 
 
 def wait_for_revision(client: Client, rev_id: str) -> dict[str, Any]:
+    """Wait until the revision serves: ``active``, or ``canary`` (its rollout's first share)."""
     with err.status(f"starting {rev_id}…") as status:
         while True:
             revision: dict[str, Any] = client.request("GET", f"/v1/revisions/{rev_id}")
             state = revision["state"]
-            if state == "active":
+            if state in ("active", "canary"):
                 return revision
+            if state == "rolled back":
+                raise DeployError(
+                    f"{rev_id} was rolled back; the previous revision keeps serving all traffic. "
+                    f"`clearway rollout status {revision['app']}` shows why.",
+                    details=revision.get("error"),
+                )
             if state in ("failed", "retired"):
                 raise DeployError(
                     f"{rev_id} did not start; the previous revision (if any) keeps serving. "
@@ -262,7 +287,8 @@ def wait_for_revision(client: Client, rev_id: str) -> dict[str, Any]:
 @click.pass_context
 @run_command
 def status(ctx: click.Context, app: str | None, as_json: bool) -> None:
-    """Show all apps, or one app's components, replicas and revisions."""
+    """Show all apps (phase, readiness, previews), or one app's components,
+    replicas, rollout, previews, revisions, latest builds and history."""
     client = client_of(ctx)
     if app is None:
         apps = client.request("GET", "/v1/apps")
@@ -272,33 +298,13 @@ def status(ctx: click.Context, app: str | None, as_json: bool) -> None:
         if not apps:
             out.print("no apps yet: `clearway deploy PATH` deploys one")
             return
-        table = Table("APP", "REVISION", "READY", box=None, pad_edge=False)
-        table.add_column("URL", overflow="fold")
-        for item in apps:
-            ready = ", ".join(f"{c['name']} {c['ready']}/{c['desired']}" for c in item["components"]) or "-"
-            table.add_row(item["name"], item["active_revision"] or "-", ready, " ".join(item["urls"]) or "-")
-        out.print(table)
+        out.print(render.apps_table(apps))
         return
     view = client.request("GET", f"/v1/apps/{app}")
     if as_json:
         print_json(view)
         return
-    out.print(f"[bold]{view['name']}[/]  serving {view['active_revision'] or 'nothing yet'}")
-    for url in view["urls"]:
-        out.print(f"  {url}")
-    comps = Table("COMPONENT", "KIND", "READY", box=None, pad_edge=False, title=None)
-    for comp in view["components"]:
-        comps.add_row(comp["name"], comp["kind"], f"{comp['ready']}/{comp['desired']}")
-    out.print(comps)
-    reps = Table("REPLICA", "STATE", "PID", "ENDPOINT", "RESTARTS", box=None, pad_edge=False)
-    for rep in view["replicas"]:
-        reps.add_row(rep["id"], rep["state"], str(rep["pid"] or "-"), rep["endpoint"] or "-", str(rep["restarts"]))
-    out.print(reps)
-    revs = Table("REVISION", "STATE", "CREATED", "NOTE", box=None, pad_edge=False)
-    for rev in reversed(view["revisions"][-10:]):
-        note = (rev["error"] or "").strip().splitlines()
-        revs.add_row(rev["id"], rev["state"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rev["created_at"])), note[-1] if note else "")
-    out.print(revs)
+    out.print(render.app_detail(view))
 
 
 @cli.command()
@@ -334,14 +340,36 @@ def logs(
 
 @cli.command()
 @click.argument("app")
-@click.argument("component")
-@click.argument("replicas", type=click.IntRange(0, 1000))
+@click.argument("component", metavar="COMPONENT[=N]")
+@click.argument("replicas", type=click.IntRange(0, 1000), required=False)
+@click.option("--previews", is_flag=True, help="Set it for every preview of APP instead (default 1 each).")
 @click.pass_context
 @run_command
-def scale(ctx: click.Context, app: str, component: str, replicas: int) -> None:
-    """Set how many replicas COMPONENT of APP runs (kept across deploys)."""
+def scale(ctx: click.Context, app: str, component: str, replicas: int | None, previews: bool) -> None:
+    """Set how many replicas COMPONENT of APP runs (kept across deploys).
+
+    \b
+    clearway scale shop web 3              production
+    clearway scale shop web=2 --previews   every preview branch
+    """
+    name, sep, count = component.partition("=")
+    if sep:
+        if replicas is not None:
+            raise click.UsageError(f"give the replicas once: `clearway scale {app} {name}={count}` or `clearway scale {app} {name} {count}`")
+        if not count.isdigit() or not 0 <= int(count) <= 1000:
+            raise click.UsageError(f"{component!r}: the replicas must be a whole number from 0 to 1000, as in {name}=2")
+        component, replicas = name, int(count)
+    if replicas is None:
+        raise click.UsageError(f"how many replicas? `clearway scale {app} {component} N` (or {component}=N)")
     client = client_of(ctx)
-    client.request("POST", f"/v1/apps/{app}/scale", json={"component": component, "replicas": replicas})
+    body: dict[str, Any] = {"component": component, "replicas": replicas}
+    if previews:
+        body["previews"] = True
+    client.request("POST", f"/v1/apps/{app}/scale", json=body)
+    if previews:
+        # Previews come and go with their branches: nothing to wait for here.
+        out.print(f"[green]✓[/] {app}/{component}: {replicas} replicas in each preview")
+        return
     with err.status(f"scaling {app}/{component} to {replicas}…"):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -366,6 +394,67 @@ def rollback(ctx: click.Context, app: str, revision: str | None) -> None:
     accepted = client.request("POST", f"/v1/apps/{app}/rollback", json={"revision": revision})
     wait_for_revision(client, accepted["revision"])
     out.print(f"[green]✓[/] {app} is serving {accepted['revision']} again")
+
+
+@cli.group()
+def rollout() -> None:
+    """Canary rollouts: a new revision earns its traffic step by step.
+
+    \b
+    clearway deploy --canary PATH       start one (every git push to production does)
+    clearway rollout status APP         steps, analysis, smoke checks, timeline
+    clearway rollout promote APP        skip the remaining steps: it serves all traffic
+    clearway rollout abort APP          send all traffic back to the stable revision
+    """
+
+
+@rollout.command("status")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON (the current rollout and the history).")
+@click.pass_context
+@run_command
+def rollout_status(ctx: click.Context, app: str, as_json: bool) -> None:
+    """Show APP's rollout: the running one, or else the last one."""
+    found = client_of(ctx).request("GET", f"/v1/apps/{app}/rollout")
+    if as_json:
+        print_json(found)
+        return
+    shown = found["current"] or max(found["history"], key=lambda r: r["started_at"], default=None)
+    if shown is None:
+        out.print(f"{app} has had no rollout: `clearway deploy --canary` (or a git push) starts one")
+        return
+    if found["current"] is None:
+        out.print("[dim]no rollout is running; the last one:[/]", markup=True)
+    out.print(render.rollout_status(shown, now=time.time()))
+
+
+@rollout.command("promote")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON.")
+@click.pass_context
+@run_command
+def rollout_promote(ctx: click.Context, app: str, as_json: bool) -> None:
+    """Promote APP's canary now: it serves all traffic, the stable revision retires."""
+    _end_rollout(ctx, app, "promote", as_json=as_json)
+
+
+@rollout.command("abort")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON.")
+@click.pass_context
+@run_command
+def rollout_abort(ctx: click.Context, app: str, as_json: bool) -> None:
+    """Abort APP's rollout now: all traffic goes back to the stable revision."""
+    _end_rollout(ctx, app, "abort", as_json=as_json)
+
+
+def _end_rollout(ctx: click.Context, app: str, action: str, *, as_json: bool) -> None:
+    ended = client_of(ctx).request("POST", f"/v1/apps/{app}/rollout/{action}")
+    if as_json:
+        print_json(ended)
+        return
+    mark = "[green]✓[/]" if ended["state"] in ("promoted", "aborted") else "[yellow]![/]"
+    out.print(f"{mark} {rich_escape(render.rollout_outcome(ended))}", markup=True)
 
 
 @cli.command()
@@ -400,23 +489,34 @@ def config() -> None:
     clearway config unset APP KEY...
 
     A change restarts the serving code as a new revision (zero downtime), and
-    every later deploy gets it; a deploy's --env overrides it.
+    every later deploy gets it; a deploy's --env overrides it. With --preview
+    each command works on the configuration of the app's previews (every
+    pushed branch but production) instead: test databases, sandbox keys.
     """
+
+
+_PREVIEW = click.option("--preview", is_flag=True, help="The previews' configuration, not production's.")
+
+
+def _scope(preview: bool) -> dict[str, str]:
+    return {"scope": "preview"} if preview else {}
 
 
 @config.command("show")
 @click.argument("app")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON (secrets' values are null).")
+@_PREVIEW
 @click.pass_context
 @run_command
-def config_show(ctx: click.Context, app: str, as_json: bool) -> None:
+def config_show(ctx: click.Context, app: str, as_json: bool, preview: bool) -> None:
     """List APP's configuration; secret values are never shown."""
-    view = client_of(ctx).request("GET", f"/v1/apps/{app}/config")
+    view = client_of(ctx).request("GET", f"/v1/apps/{app}/config", params=_scope(preview))
     if as_json:
         print_json(view)
         return
     if not view["config"]:
-        out.print(f"{app} has no configuration: `clearway config set {app} KEY=VALUE` adds some")
+        which, flag = ("preview configuration", " --preview") if preview else ("configuration", "")
+        out.print(f"{app} has no {which}: `clearway config set {app} KEY=VALUE{flag}` adds some")
         return
     table = Table("KEY", box=None, pad_edge=False)
     table.add_column("VALUE", overflow="fold")
@@ -433,9 +533,10 @@ def config_show(ctx: click.Context, app: str, as_json: bool) -> None:
 @click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
 @click.option("--secret", is_flag=True, help="Values never shown again (by config, status, the API or the audit log).")
 @click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
+@_PREVIEW
 @click.pass_context
 @run_command
-def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: bool, no_wait: bool) -> None:
+def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: bool, no_wait: bool, preview: bool) -> None:
     """Set configuration of APP; its serving code restarts with it."""
     values: dict[str, str] = {}
     for index, item in enumerate(pairs, start=1):
@@ -443,24 +544,25 @@ def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: boo
         if not sep:
             fail(f"argument #{index} has no '=': write it as KEY=VALUE")
         values[key] = value
-    _change_config(ctx, app, {"set": values, "secret": secret}, no_wait=no_wait)
+    _change_config(ctx, app, {"set": values, "secret": secret}, no_wait=no_wait, preview=preview)
 
 
 @config.command("unset")
 @click.argument("app")
 @click.argument("keys", nargs=-1, required=True, metavar="KEY...")
 @click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
+@_PREVIEW
 @click.pass_context
 @run_command
-def config_unset(ctx: click.Context, app: str, keys: tuple[str, ...], no_wait: bool) -> None:
+def config_unset(ctx: click.Context, app: str, keys: tuple[str, ...], no_wait: bool, preview: bool) -> None:
     """Remove configuration of APP; its serving code restarts without it."""
-    _change_config(ctx, app, {"unset": list(keys)}, no_wait=no_wait)
+    _change_config(ctx, app, {"unset": list(keys)}, no_wait=no_wait, preview=preview)
 
 
-def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_wait: bool) -> None:
+def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_wait: bool, preview: bool) -> None:
     """Send the change (the API checks it) and wait for the revision it makes; never prints a value."""
     client = client_of(ctx)
-    result = client.request("POST", f"/v1/apps/{app}/config", json=change)
+    result = client.request("POST", f"/v1/apps/{app}/config", json=change, params=_scope(preview))
     done = "; ".join(
         part
         for part in (
@@ -469,21 +571,27 @@ def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_w
         )
         if part
     )
-    err.print(f"{app}: {done}", markup=False)
-    if result["shadowed"]:
+    err.print(f"{app}{' previews' if preview else ''}: {done}", markup=False)
+    if result.get("shadowed"):
         err.print(
             f"[yellow]note:[/] the serving deploy's --env still overrides {', '.join(result['shadowed'])}; "
             "deploy without it for the configuration to apply",
             markup=True,
         )
-    if result["revision"] is None:
-        out.print(f"stored; {app} has no serving revision: the next `clearway deploy` uses it")
+    # Production makes one revision; a preview change restarts every running preview.
+    made: list[str] = result.get("revisions") or ([result["revision"]] if result["revision"] else [])
+    if not made:
+        if preview:
+            out.print(f"stored; {app} has no running preview: the next push of a branch uses it")
+        else:
+            out.print(f"stored; {app} has no serving revision: the next `clearway deploy` uses it")
         return
-    err.print(f"revision [bold]{result['revision']}[/] accepted", markup=True)
+    err.print(f"revision{'s' if len(made) > 1 else ''} [bold]{', '.join(made)}[/] accepted", markup=True)
     if no_wait:
         return
-    wait_for_revision(client, result["revision"])
-    out.print(f"[green]✓[/] {result['revision']} is serving")
+    for rev_id in made:
+        wait_for_revision(client, rev_id)
+        out.print(f"[green]✓[/] {rev_id} is serving")
 
 
 @cli.command()
@@ -535,6 +643,34 @@ def git_url(ctx: click.Context, app: str) -> None:
     """
     info = client_of(ctx).info
     sys.stdout.write(f"{info['api_url']}/git/{app}.git\n")
+
+
+@cli.command()
+@click.argument("app")
+@click.option("--repository", metavar="URL", help="Build pushes and pull requests of this repository only (its clone URL; it may carry a read token). Default: the event's own repository, https only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def webhook(ctx: click.Context, app: str, repository: str | None, as_json: bool) -> None:
+    """Create (or replace) APP's GitHub webhook and print what to paste into GitHub.
+
+    Pushes to main deploy as canaries, other branches and pull requests become
+    previews. The secret is shown only now; running this again makes a new one.
+    GitHub must be able to reach the payload URL: expose the API's
+    /v1/webhooks/ path through a reverse proxy or tunnel.
+    """
+    created = client_of(ctx).request("POST", f"/v1/apps/{app}/webhook", json={"repository": repository})
+    if as_json:
+        print_json(created)
+        return
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_row("Payload URL", created["url"])
+    table.add_row("Content type", created["content_type"])
+    table.add_row("Secret", created["secret"])
+    table.add_row("Events", "pushes, pull requests")
+    table.add_row("Repository", created["repository"] or "the event's own (https only; forks refused)")
+    out.print(table)
+    err.print("the secret is shown only now: paste it into the webhook's settings on GitHub")
 
 
 @cli.command()

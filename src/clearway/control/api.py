@@ -43,11 +43,21 @@ from clearway.backends.base import Backend, RevisionObservation
 from clearway.control.audit import AuditMiddleware, note
 from clearway.control.credentials import PIN_HEADER, TOKEN_TTL, ReplicaIdentity, SigningKey
 from clearway.control.faults import StorageFull
-from clearway.control.git import PRODUCTION_REF, SERVICES, ZERO_SHA, GitRemote, unauthorized
-from clearway.control.reconciler import Reconciler, desired_replicas
+from clearway.control.git import SERVICES, GitRemote, carries_archive, unauthorized
+from clearway.control.reconciler import Reconciler, replicas_for
 from clearway.control.revisions import RevisionBuilder
-from clearway.control.store import ConfigScope, Revision, RevisionState, Store
+from clearway.control.rollouts import describe_plan
+from clearway.control.store import (
+    RUNNING_STATES,
+    BuildState,
+    ConfigScope,
+    Revision,
+    RevisionState,
+    Rollout,
+    Store,
+)
 from clearway.control.uploads import check_env, parse_env, receive
+from clearway.control.webhooks import GitHubWebhooks, WebhookRequest
 from clearway.exceptions import APIError
 from clearway.spec.model import json_schema
 
@@ -57,6 +67,8 @@ log = logging.getLogger("clearway.control")
 class ScaleRequest(BaseModel):
     component: str
     replicas: Annotated[int, Field(ge=0, le=1000)]
+    #: Set the count every preview runs (default 1) rather than production's.
+    previews: bool = False
 
 
 class RollbackRequest(BaseModel):
@@ -97,6 +109,47 @@ def _error(status: int, message: str, *, details: str | None = None, location: s
     return JSONResponse({"error": message, "details": details, "location": location}, status_code=status)
 
 
+def canary_plan(revision: Revision) -> dict[str, Any]:
+    """What ``deploy --canary`` shows before it waits: the steps and the least time to promote."""
+    policy = revision.spec.canary
+    return {
+        "steps": list(policy.steps),
+        "min_duration": policy.min_duration,
+        "min_requests": policy.min_requests,
+        "minimum_seconds": policy.minimum_seconds,
+        "smoke_checks": [c.name for c in revision.spec.smoke_checks],
+        "summary": describe_plan(revision),
+    }
+
+
+def revision_phase(rev: Revision, rollout: Rollout | None) -> str:
+    """A revision's place in the lifecycle, in the words ``clearway status`` shows."""
+    if rev.state is RevisionState.CANARY:
+        weight = rollout.weight if rollout is not None and rollout.canary == rev.id else 0
+        return f"canary {weight}%"
+    if rev.state is RevisionState.ACTIVE:
+        return "preview" if rev.branch is not None else "serving"
+    return rev.state.value
+
+
+def app_phase(production: list[Revision], rollout: Rollout | None, builds: list[Any]) -> str:
+    """The app's production lifecycle now: building, testing, starting, canary N%,
+    serving, rolled back, failed, or none."""
+    latest_build = builds[0] if builds else None
+    if latest_build is not None and latest_build.state in (BuildState.BUILDING, BuildState.TESTING):
+        return str(latest_build.state.value)
+    if rollout is not None:
+        return f"canary {rollout.weight}%"
+    if not production:
+        return "none"
+    newest = max(production, key=lambda r: r.number)
+    if newest.state is RevisionState.STARTING:
+        return "starting"
+    if newest.state in (RevisionState.ROLLED_BACK, RevisionState.FAILED):
+        return newest.state.value
+    return "serving" if any(r.state is RevisionState.ACTIVE for r in production) else "none"
+
+
 def create_api(
     *,
     store: Store,
@@ -107,6 +160,7 @@ def create_api(
     signing: SigningKey,
     on_shutdown: Callable[[], None],
     git: GitRemote | None = None,
+    webhooks: GitHubWebhooks | None = None,
 ) -> FastAPI:
     api = FastAPI(
         title="clearway control plane",
@@ -199,12 +253,14 @@ def create_api(
         record = store.app(name)
         assert record is not None
         revisions = store.revisions(name)
-        active = next((r for r in revisions if r.state is RevisionState.ACTIVE), None)
+        active = next((r for r in revisions if r.state is RevisionState.ACTIVE and r.branch is None), None)
+        rollout = store.rollout(name)
         observed = backend.observe()
-        spec = active.spec if active else (revisions[-1].spec if revisions else None)
+        production = [r for r in revisions if r.branch is None]
+        spec = active.spec if active else (production[-1].spec if production else None)
         components = []
         if active is not None:
-            wanted = desired_replicas(active, record.scale)
+            wanted = replicas_for(active, record)
             obs = observed.get(active.id)
             for comp in active.spec.components:
                 seen = obs.components.get(comp.name) if obs else None
@@ -216,19 +272,38 @@ def create_api(
                         "ready": seen.ready if seen else 0,
                     }
                 )
+        builds = store.builds(name, limit=5)
+        previews = [
+            {
+                "branch": r.branch,
+                "revision": r.id,
+                "commit": r.commit,
+                "state": r.state.value,
+                "urls": backend.urls(r.spec, branch=r.branch, commit=r.commit),
+            }
+            for r in revisions
+            if r.branch is not None and r.state is RevisionState.ACTIVE
+        ]
         return {
             "name": name,
+            "phase": app_phase(production, rollout, builds),
             "active_revision": active.id if active else None,
             "urls": backend.urls(spec) if spec and active else [],
             "components": components,
-            "revisions": [_revision_view(r, observed) for r in revisions],
+            "rollout": rollout.to_json() if rollout else None,
+            "previews": previews,
+            "builds": [b.to_json() for b in builds],
+            "revisions": [_revision_view(r, observed, rollout) for r in revisions],
             "replicas": [r.to_json() for r in backend.replicas(name)],
             "events": store.events(name),
         }
 
-    def _revision_view(rev: Revision, observed: Mapping[str, RevisionObservation]) -> dict[str, Any]:
+    def _revision_view(
+        rev: Revision, observed: Mapping[str, RevisionObservation], rollout: Rollout | None = None
+    ) -> dict[str, Any]:
         view = rev.to_json()
         del view["spec"]
+        view["phase"] = revision_phase(rev, rollout)
         obs = observed.get(rev.id)
         view["components"] = (
             {n: {"desired": c.desired, "ready": c.ready} for n, c in obs.components.items()}
@@ -252,11 +327,15 @@ def create_api(
         request: Request,
         app_file: str = "app.py",
         env: Annotated[list[str] | None, Query()] = None,
+        canary: bool = False,
     ) -> dict[str, Any]:
         """Upload a project (gzipped tar) and start a new revision from it.
 
         Returns at once with the revision id; poll ``GET /v1/revisions/{id}``
-        until its state is ``active`` or ``failed``.
+        until its state is ``active`` or ``failed``. With ``canary=true`` a
+        revision that becomes ready while another serves goes out as a rollout
+        (state ``canary``; ``GET /v1/apps/{name}/rollout`` follows it); the
+        answer's ``canary`` holds the plan (its steps and least time to promote).
         """
         pairs = parse_env(env or [])
         limit = builder.limits.max_compressed
@@ -271,7 +350,9 @@ def create_api(
             note(request, detail=f"env keys: {', '.join(sorted(pairs))}")
         upload = await receive(request.stream(), upload_dir, max_bytes=limit)
         try:
-            revision, environment = await builder.build_with_environment(upload, app_file=app_file, env=pairs)
+            revision, environment = await builder.build_with_environment(
+                upload, app_file=app_file, env=pairs, canary=canary
+            )
         finally:
             upload.unlink(missing_ok=True)
         note(
@@ -285,6 +366,7 @@ def create_api(
             "app": revision.app,
             "state": revision.state.value,
             "environment": {"digest": environment.digest, "reused": environment.reused, "log": environment.log},
+            "canary": canary_plan(revision) if canary else None,
         }
 
     @api.get("/v1/apps", dependencies=auth, tags=["apps"])
@@ -313,7 +395,7 @@ def create_api(
         rev = store.revision(rev_id)
         if rev is None:
             raise APIError(404, f"no revision {rev_id!r}; `clearway status APP` lists an app's revisions")
-        return _revision_view(rev, backend.observe()) | {
+        return _revision_view(rev, backend.observe(), store.rollout(rev.app)) | {
             "spec": rev.spec.model_dump(mode="json"),
             # A fault keeping the platform from moving any revision on (a full
             # disk): `clearway deploy` shows it instead of waiting forever.
@@ -347,29 +429,33 @@ def create_api(
     async def scale(request: Request, name: str, body: ScaleRequest) -> dict[str, Any]:
         """Set a component's replica count; it sticks across deploys."""
         need_app(name)
-        revs = store.revisions(name, states={RevisionState.ACTIVE, RevisionState.STARTING})
+        revs = store.revisions(name, states=set(RUNNING_STATES))
         known = {c.name for r in revs for c in r.spec.components}
         if body.component not in known:
             raise APIError(
                 404,
                 f"app {name!r} has no component {body.component!r} (components: {', '.join(sorted(known)) or 'none'})",
             )
-        note(request, detail=f"{body.component}={body.replicas}")
-        store.set_scale(name, body.component, body.replicas)
-        store.add_event(name, f"scaled {body.component} to {body.replicas}")
+        where = " in previews" if body.previews else ""
+        note(request, detail=f"{body.component}={body.replicas}{where}")
+        store.set_scale(name, body.component, body.replicas, previews=body.previews)
+        store.add_event(name, f"scaled {body.component} to {body.replicas}{where}")
         reconciler.poke()
-        return {"app": name, "component": body.component, "replicas": body.replicas}
+        return {"app": name, "component": body.component, "replicas": body.replicas, "previews": body.previews}
 
     @api.get("/v1/apps/{name}/config", dependencies=auth, tags=["apps"])
-    async def get_config(name: str) -> dict[str, Any]:
-        """The app's production configuration; secrets show ``"value": null``."""
-        entries = store.config(name)
+    async def get_config(name: str, scope: ConfigScope = ConfigScope.PRODUCTION) -> dict[str, Any]:
+        """The app's configuration (production's, or with ``scope=preview`` every
+        preview's); secrets show ``"value": null``."""
+        entries = store.config(name, scope)
         if not entries:
             need_app(name)
-        return {"app": name, "scope": ConfigScope.PRODUCTION.value, "config": [e.to_json() for e in entries]}
+        return {"app": name, "scope": scope.value, "config": [e.to_json() for e in entries]}
 
     @api.post("/v1/apps/{name}/config", status_code=202, dependencies=auth, tags=["apps"])
-    async def change_config(request: Request, name: str, body: ConfigChange) -> dict[str, Any]:
+    async def change_config(
+        request: Request, name: str, body: ConfigChange, scope: ConfigScope = ConfigScope.PRODUCTION
+    ) -> dict[str, Any]:
         """Set and unset configuration; the serving code restarts with it as a new revision.
 
         The new revision has the artifact (code, environment, interpreter) and
@@ -379,7 +465,9 @@ def create_api(
         such revision (no deploy yet, or none serving) the configuration is only
         stored and ``revision`` is null: the next deploy uses it. The ``--env`` of
         the deploy the artifact came from still overrides the configuration:
-        ``shadowed`` names the keys set here that it hides.
+        ``shadowed`` names the keys set here that it hides. With ``scope=preview``
+        the change applies to previews: each running preview restarts with it
+        (``revision`` is then the first of them, ``revisions`` lists them all).
         """
         for key, value in body.set_.items():
             check_env(key, value)
@@ -390,7 +478,7 @@ def create_api(
         both = sorted(set(body.set_) & set(body.unset))
         if both:
             raise APIError(422, f"{', '.join(both)}: both set and unset in one change; do one or the other")
-        known = {e.key for e in store.config(name)}
+        known = {e.key for e in store.config(name, scope)}
         missing = sorted(set(body.unset) - known)
         if missing:
             raise APIError(
@@ -404,47 +492,67 @@ def create_api(
         if body.unset:
             parts.append(f"unset {', '.join(sorted(body.unset))}")
         note(request, app=name, detail="; ".join(parts))
-        running = store.revisions(name, states={RevisionState.STARTING, RevisionState.ACTIVE})
-        base = max(running, key=lambda r: r.started_at or 0, default=None)
+        running = [r for r in store.revisions(name, states=set(RUNNING_STATES))]
+        # The revision each track is heading to: production's, or every preview branch's.
+        bases: dict[str | None, Revision] = {}
+        for rev in sorted(running, key=lambda r: r.started_at or 0):
+            if (rev.branch is None) == (scope is ConfigScope.PRODUCTION):
+                bases[rev.branch] = rev
         # Under the artifact lock: garbage collection must not delete the code or
         # environment the new revision is being made from.
+        made: list[Revision] = []
         async with builder.artifact_lock:
-            store.change_config(name, set_=body.set_, unset=body.unset, secret=body.secret)
-            revision = (
-                None
-                if base is None
-                else store.create_revision(
-                    base.spec,
-                    code_dir=base.code_dir,
-                    app_file=base.app_file,
-                    env=base.deploy_env,
-                    env_digest=base.env_digest,
-                    python=base.python,
+            store.change_config(name, set_=body.set_, unset=body.unset, secret=body.secret, scope=scope)
+            for base in bases.values():
+                made.append(
+                    store.create_revision(
+                        base.spec,
+                        code_dir=base.code_dir,
+                        app_file=base.app_file,
+                        env=base.deploy_env,
+                        env_digest=base.env_digest,
+                        python=base.python,
+                        branch=base.branch,
+                        commit=base.commit,
+                    )
                 )
-            )
-        if revision is not None:
-            note(request, detail=f"{'; '.join(parts)}; revision {revision.id} from {base.id if base else '-'}")
+        if made:
+            note(request, detail=f"{'; '.join(parts)}; revisions {', '.join(r.id for r in made)}")
             reconciler.poke()
+        revision = made[0] if made else None
+        shadowed = sorted({k for b in bases.values() for k in set(body.set_) & set(b.deploy_env)})
         return {
             "app": name,
+            "scope": scope.value,
             "revision": revision.id if revision else None,
+            "revisions": [r.id for r in made],
             "state": revision.state.value if revision else None,
             "set": sorted(body.set_),
             "unset": sorted(body.unset),
-            "shadowed": sorted(set(body.set_) & set(base.deploy_env)) if base else [],
+            "shadowed": shadowed,
         }
 
     @api.post("/v1/apps/{name}/rollback", status_code=202, dependencies=auth, tags=["apps"])
     async def rollback(request: Request, name: str, body: RollbackRequest | None = None) -> dict[str, Any]:
-        """Bring back an earlier revision (default: the one before the active one)."""
+        """Bring back an earlier revision (default: the one before the active one).
+
+        While a rollout runs, rolling back without naming a revision aborts it:
+        the stable revision keeps (gets back) all the traffic at once.
+        """
         need_app(name)
-        revisions = store.revisions(name)
+        if (body is None or not body.revision) and store.rollout(name) is not None:
+            ended = reconciler.rollouts.abort(name, reason="rolled back by the operator (`clearway rollback`)")
+            reconciler.poke()
+            assert ended is not None
+            note(request, detail=f"aborted the rollout of {ended.canary}; {ended.stable} keeps serving")
+            return {"revision": ended.stable, "app": name, "state": RevisionState.ACTIVE.value, "rollout": ended.to_json()}
+        revisions = [r for r in store.revisions(name) if r.branch is None]
         if body is not None and body.revision:
             target = next((r for r in revisions if r.id == body.revision or str(r.number) == body.revision), None)
             if target is None:
                 raise APIError(404, f"app {name!r} has no revision {body.revision!r}; `clearway status {name}` lists them")
-            if target.state is RevisionState.FAILED:
-                raise APIError(409, f"revision {target.id} failed to start before: pick another one")
+            if target.state in (RevisionState.FAILED, RevisionState.ROLLED_BACK):
+                raise APIError(409, f"revision {target.id} {target.state.value} before: pick another one")
             if target.pruned_at is not None:
                 raise APIError(
                     409,
@@ -468,6 +576,40 @@ def create_api(
         store.restart_revision(target.id)
         reconciler.poke()
         return {"revision": target.id, "app": name, "state": RevisionState.STARTING.value}
+
+    @api.get("/v1/apps/{name}/rollout", dependencies=auth, tags=["rollouts"])
+    async def get_rollout(name: str, limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+        """The running rollout (``current``, null when none runs) and the newest ones (``history``)."""
+        need_app(name)
+        current = store.rollout(name)
+        return {
+            "current": current.to_json() if current else None,
+            "history": [r.to_json() for r in store.rollouts(name, limit=limit)],
+        }
+
+    @api.post("/v1/apps/{name}/rollout/promote", dependencies=auth, tags=["rollouts"])
+    async def promote_rollout(request: Request, name: str) -> dict[str, Any]:
+        """Skip the remaining steps: the canary takes all traffic now and becomes the active revision."""
+        need_app(name)
+        ended = reconciler.rollouts.promote(name, reason="promoted by the operator (`clearway rollout promote`)")
+        if ended is None:
+            raise APIError(409, f"{name} has no rollout running; `clearway rollout status {name}` shows the last one")
+        note(request, detail=f"promoted {ended.canary} over {ended.stable}")
+        reconciler.poke()
+        await reconciler.wait_pass()
+        return ended.to_json()
+
+    @api.post("/v1/apps/{name}/rollout/abort", dependencies=auth, tags=["rollouts"])
+    async def abort_rollout(request: Request, name: str) -> dict[str, Any]:
+        """Roll back now: all traffic to the stable revision; the canary stops."""
+        need_app(name)
+        ended = reconciler.rollouts.abort(name, reason="aborted by the operator (`clearway rollout abort`)")
+        if ended is None:
+            raise APIError(409, f"{name} has no rollout running; `clearway rollout status {name}` shows the last one")
+        note(request, detail=f"aborted {ended.canary}; {ended.stable} keeps serving")
+        reconciler.poke()
+        await reconciler.wait_pass()
+        return ended.to_json()
 
     @api.get("/v1/apps/{name}/logs", dependencies=auth, tags=["apps"], response_class=PlainTextResponse)
     async def logs(
@@ -567,15 +709,15 @@ def create_api(
             """One ref update of a running push, from the repository's hook (per-push token only).
 
             Streams progress lines; the last is ``clearway-push: accepted`` or
-            ``clearway-push: rejected``. For the production branch the body is
-            the pushed tree as a gzipped tar.
+            ``clearway-push: rejected``. For a branch (not a deletion) the body
+            is the pushed tree as a gzipped tar.
             """
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or remote.tokens.app_of(given) != name:
                 raise APIError(401, f"missing or wrong push token: only the hook of a running push to {name} may call this")
             note(request, app=name, detail=f"push {ref} {old[:12]}..{new[:12]}")
             upload = None
-            if ref == PRODUCTION_REF and new != ZERO_SHA:
+            if carries_archive(ref, new):
                 upload = await receive(request.stream(), upload_dir, max_bytes=remote.max_push)
 
             def audit_outcome(detail: str) -> None:
@@ -598,6 +740,33 @@ def create_api(
             if found is None:
                 raise APIError(404, f"{name} has no build {number}; `clearway builds {name}` lists them")
             return found.to_json(with_log=True)
+
+    if webhooks is not None:
+        hooks = webhooks
+
+        @api.post("/v1/apps/{name}/webhook", dependencies=auth, tags=["git"])
+        async def create_webhook(request: Request, name: str, body: WebhookRequest | None = None) -> dict[str, Any]:
+            """Create or replace the app's GitHub webhook (``control.webhooks``).
+
+            The secret is in this answer only; creating the webhook again makes a new one.
+            """
+            hook = hooks.register(name, body.repository if body else None)
+            note(request, app=name, detail="webhook " + ("for one repository" if hook.repository else "for any https repository"))
+            return {
+                "app": name,
+                "url": f"{str(request.base_url).rstrip('/')}/v1/webhooks/github/{name}",
+                "secret": hook.secret,
+                "content_type": "application/json",
+                "events": ["push", "pull_request"],
+                "repository": hook.public_repository,
+            }
+
+        @api.post("/v1/webhooks/github/{name}", tags=["git"])
+        async def github_webhook(request: Request, name: str) -> JSONResponse:
+            """A delivery of GitHub (no token: ``X-Hub-Signature-256`` signs it). 202: a build started."""
+            delivery = await hooks.deliver(name, request)
+            note(request, app=name, detail=f"github {request.headers.get('x-github-event', '?')}: {delivery.summary}")
+            return JSONResponse(delivery.body, status_code=delivery.status)
 
     @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)
     async def metrics() -> Response:

@@ -28,22 +28,49 @@ Basic realm="clearway"``, so git asks its credential helper or the terminal.
 **Building on push.** Each repository has a ``pre-receive`` hook (written by
 `GitRemote.ensure_repo`, see ``control.git_hook``) run by ``git
 receive-pack`` once the pack is received but before any ref moves. For every
-ref update it calls ``POST /v1/git/<app>/push`` on the API. For the production
-branch (`PRODUCTION_BRANCH`) the hook sends the pushed tree as a gzipped tar
-(``git archive``: the hook runs inside git's quarantine, where the new objects
-are visible; the control plane, outside it, could not read them yet), and the
-control plane builds it exactly as ``clearway deploy`` builds an upload
-(``RevisionBuilder``: snapshot, environment, spec), plus the test gate
-(``control.testgate``), then waits for the revision to serve. Progress is
+ref update it calls ``POST /v1/git/<app>/push`` on the API. For every branch
+(``refs/heads/*``) that is not being deleted the hook sends the pushed tree as
+a gzipped tar (``git archive``: the hook runs inside git's quarantine, where
+the new objects are visible; the control plane, outside it, could not read
+them yet), and the control plane builds it exactly as ``clearway deploy``
+builds an upload (``RevisionBuilder``: snapshot, environment, spec), plus the
+test gate (``control.testgate``), then waits for the revision. Progress is
 streamed back line by line; the hook prints it, so the pusher reads it as
-``remote:`` lines, ending with the app's URL. Any failure — a spec error, an
+``remote:`` lines, ending with the URLs. Any failure — a spec error, an
 import error, unresolvable dependencies, failing tests, a revision that does
 not start, another push having moved the branch meanwhile — makes the hook
-exit non-zero: git rejects the push, the ref does not move, and production was
-never touched (the serving revision only ever changes to a revision that
-became ready). Deleting the production branch is refused. Other branches are
-accepted into the repository; previews are not built yet, and the pusher is
-told so.
+exit non-zero: git rejects the push, the ref does not move, and what served
+before still serves (a track's serving revision only ever changes to a
+revision that became ready).
+
+**Production goes out as a canary.** A push to the production branch
+(`PRODUCTION_BRANCH`) makes a revision with ``canary=True``: once ready it
+gets a share of the traffic beside the stable revision, step by step, while
+``control.rollouts`` compares the two (the app's ``CanaryPolicy``). The push
+waits only until that rollout *starts* (the revision is ``CANARY``) and then
+prints the plan — the steps, the minimum time and requests per step, the
+earliest promotion — and is accepted: a rollout takes minutes, a ``git push``
+should not. The first deploy, or one with no stable revision to compare with,
+is served directly (``ACTIVE``). A canary that fails, or is rolled back before
+the push ends, rejects it. A rollout rolled back *after* the push was
+accepted leaves the branch pointing at the rolled-back commit: the repository
+records what was pushed and accepted, not what serves; ``clearway rollout
+status APP`` says what happened, and the next push goes out as a new canary.
+
+**Every other branch is a preview.** It is built and tested exactly like
+production, as a revision of its own track (``branch=<name>``, see
+``control.store``), served at ``<branch_label>.<app>`` and at
+``<sha7>.<app>`` with the previews' configuration; the push waits until it
+serves (``ACTIVE`` within its branch: production is never touched) and prints
+its URLs. Pushing the branch again replaces its preview the same way.
+Deleting the branch (``git push clearway :feature-x``) tears the preview down
+(`Store.end_branch`). Deleting the production branch is refused. Tags and
+other refs are accepted and stored without building anything.
+
+A push of several refs sends them one after the other; git's pre-receive
+hook is all or nothing, so one rejected ref rejects the whole push, but refs
+built before it stay deployed: push one branch at a time to keep the two in
+step.
 
 **The hook's credential.** The hook must not hold the operator's token: git's
 environment reaches every hook and every program they start. Each
@@ -51,11 +78,13 @@ environment reaches every hook and every program they start. Each
 and only for that one request (it dies when the request ends), and bound to
 that one app: it authorises ``POST /v1/git/<app>/push`` and nothing else. It
 reaches the hook through the CGI environment (``CLEARWAY_PUSH_TOKEN``), with
-the API's loopback URL and the production ref.
+the API's loopback URL.
 
-Builds of one app are serialised by a per-app lock; each is a row of the
-``builds`` table (``control.store.Build``: state, revision, output) that
-``clearway builds APP`` lists. Every push is in the audit log twice: the
+Builds of one app are serialised by a per-app lock (`GitRemote.serialised`,
+shared with the GitHub webhooks of ``control.webhooks``, which run the same
+pipeline from a fetched commit); each is a row of the ``builds`` table
+(``control.store.Build``: state, revision, output) that ``clearway builds
+APP`` lists. Every push is in the audit log twice: the
 ``git-receive-pack`` call (principal ``operator``), and one row per ref update
 naming the ref, the old and new commits and the outcome.
 """
@@ -71,7 +100,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,20 +112,28 @@ from clearway.control.environments import BuiltEnvironment
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.reconciler import Reconciler
 from clearway.control.revisions import CHILD_PATH, RevisionBuilder
-from clearway.control.store import BuildState, RevisionState, Store
+from clearway.control.rollouts import describe_plan
+from clearway.control.store import Build, BuildState, Revision, RevisionState, Store
 from clearway.control.testgate import has_tests, requirements_for, run_tests
 from clearway.control.uploads import MiB
 from clearway.exceptions import APIError
 from clearway.spec.ids import check_name
 from clearway.spec.model import AppSpec
 
-__all__ = ["PRODUCTION_BRANCH", "ZERO_SHA", "GitRemote", "PushTokens", "unauthorized"]
+__all__ = [
+    "PRODUCTION_BRANCH",
+    "ZERO_SHA",
+    "GitRemote",
+    "PushTokens",
+    "branch_of",
+    "carries_archive",
+    "unauthorized",
+]
 
 log = logging.getLogger("clearway.control")
 
-#: The branch whose pushes are built, tested and deployed.
+#: The branch whose pushes go to production (as canaries); every other branch is a preview.
 PRODUCTION_BRANCH = "main"
-PRODUCTION_REF = f"refs/heads/{PRODUCTION_BRANCH}"
 #: git's "no commit": the old value of a created ref, the new value of a deleted one.
 ZERO_SHA = "0" * 40
 #: The last line of a push's progress stream: the hook's exit status.
@@ -104,11 +141,13 @@ ACCEPTED = "clearway-push: accepted"
 REJECTED = "clearway-push: rejected"
 #: How long a pushed revision may take to become ready before the push is rejected.
 START_TIMEOUT = 900.0
+#: How long deleting a preview branch waits for the data plane to stop routing to it.
+TEARDOWN_TIMEOUT = 30.0
 #: The three smart-HTTP services, and the methods they are called with.
 SERVICES = {"info/refs": "GET", "git-upload-pack": "POST", "git-receive-pack": "POST"}
 
 _HOOK = """#!/bin/sh
-# Written by clearway (control.git): builds, tests and deploys pushes to {branch}.
+# Written by clearway (control.git): builds, tests and deploys pushed branches.
 exec {python} -m clearway.control.git_hook
 """
 
@@ -143,7 +182,7 @@ class PushTokens:
 
 
 class GitRemote:
-    """Serves ``/git/<app>.git`` with ``git http-backend`` and builds pushes to production."""
+    """Serves ``/git/<app>.git`` with ``git http-backend`` and builds pushed branches."""
 
     def __init__(
         self,
@@ -170,19 +209,28 @@ class GitRemote:
     def repo(self, app: str) -> Path:
         return self.root / f"{app}.git"
 
-    def _git_env(self) -> dict[str, str]:
+    def git_env(self) -> dict[str, str]:
+        """The whole environment of every git command: made from scratch, nothing of ours."""
         return {"PATH": CHILD_PATH, "HOME": str(self.root), "GIT_CONFIG_NOSYSTEM": "1", "LANG": "C.UTF-8"}
 
-    async def _run_git(self, *args: str) -> tuple[int, str]:
+    async def run_git(self, *args: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+        """Run git with `git_env` (plus ``env``); its exit status and output. Cancelled
+        (``asyncio.timeout``), it is killed."""
         proc = await asyncio.create_subprocess_exec(
             self.git,
             *args,
-            env=self._git_env(),
+            env={**self.git_env(), **(env or {})},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        out, _ = await proc.communicate()
+        try:
+            out, _ = await proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
         assert proc.returncode is not None
         return proc.returncode, out.decode(errors="replace").strip()
 
@@ -190,7 +238,7 @@ class GitRemote:
         """The app's bare repository, created on first use, with the hook (re)written."""
         path = self.repo(app)
         if not (path / "HEAD").is_file():
-            code, out = await self._run_git("init", "--bare", "--quiet", f"--initial-branch={PRODUCTION_BRANCH}", str(path))
+            code, out = await self.run_git("init", "--bare", "--quiet", f"--initial-branch={PRODUCTION_BRANCH}", str(path))
             if code != 0:
                 raise APIError(500, f"cannot create the repository of {app}: {out}")
         for key, value in (
@@ -199,12 +247,12 @@ class GitRemote:
             ("http.receivepack", "true"),
             ("receive.maxInputSize", str(self.max_push)),
         ):
-            code, out = await self._run_git("--git-dir", str(path), "config", key, value)
+            code, out = await self.run_git("--git-dir", str(path), "config", key, value)
             if code != 0:
                 raise APIError(500, f"cannot configure the repository of {app}: {out}")
         hook = path / "hooks" / "pre-receive"
         hook.parent.mkdir(exist_ok=True)
-        text = _HOOK.format(branch=PRODUCTION_BRANCH, python=_shell_quote(sys.executable))
+        text = _HOOK.format(python=_shell_quote(sys.executable))
         if not hook.is_file() or hook.read_text() != text:
             tmp = hook.with_name(f".pre-receive.{os.getpid()}.tmp")
             tmp.write_text(text)
@@ -212,9 +260,64 @@ class GitRemote:
             os.replace(tmp, hook)
         return path
 
-    async def _ref(self, app: str, ref: str) -> str:
-        code, out = await self._run_git("--git-dir", str(self.repo(app)), "rev-parse", "--verify", "--quiet", ref)
+    async def head(self, app: str, ref: str) -> str:
+        """The commit ``ref`` points at in the app's repository (`ZERO_SHA`: none)."""
+        code, out = await self.run_git("--git-dir", str(self.repo(app)), "rev-parse", "--verify", "--quiet", ref)
         return out if code == 0 else ZERO_SHA
+
+    async def move_ref(self, app: str, ref: str, new: str, old: str) -> bool:
+        """Point ``ref`` at ``new`` (delete it when ``new`` is `ZERO_SHA`) if it still is at
+        ``old``, as git itself moves a pushed ref; False when it moved meanwhile."""
+        where = ("--git-dir", str(self.repo(app)), "update-ref", "-m", "clearway")
+        if new == ZERO_SHA:
+            code, out = await self.run_git(*where, "-d", ref, *([old] if old != ZERO_SHA else []))
+        else:
+            code, out = await self.run_git(*where, ref, new, old if old != ZERO_SHA else "")
+        if code != 0:
+            log.warning("could not move %s of %s to %s: %s", ref, app, new[:12], out)
+        return code == 0
+
+    async def archive(self, app: str, commit: str) -> Path:
+        """The tree of ``commit`` as a gzipped tar in a file of its own (what a push's hook
+        sends), capped like a push; the caller deletes it."""
+        fd, name = tempfile.mkstemp(prefix="archive-", dir=self.builder.work_root)
+        proc = await asyncio.create_subprocess_exec(
+            self.git,
+            "--git-dir",
+            str(self.repo(app)),
+            "archive",
+            "--format=tar.gz",
+            commit,
+            env=self.git_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                while chunk := await proc.stdout.read(65536):
+                    size += len(chunk)
+                    if size > self.max_push:
+                        raise APIError(
+                            413,
+                            f"the tree of {commit[:7]} is larger than {self.max_push // MiB} MiB compressed: "
+                            "leave data and build output out of the repository",
+                        )
+                    await asyncio.to_thread(handle.write, chunk)
+            errors = (await proc.stderr.read()).decode(errors="replace").strip()
+            if await proc.wait() != 0:
+                raise APIError(422, f"git archive {commit[:7]} failed: {errors}")
+        except BaseException as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            os.unlink(name)
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise StorageFull(self.builder.work_root, what="exporting the commit") from exc
+            raise
+        return Path(name)
 
     # -- smart HTTP ----------------------------------------------------------------------
     async def serve(self, request: Request, app: str, service: str) -> Response:
@@ -235,7 +338,7 @@ class GitRemote:
             if SERVICES[service] == "POST":
                 body = await self._spool(request)
             env = {
-                **self._git_env(),
+                **self.git_env(),
                 "GIT_PROJECT_ROOT": str(self.root),
                 "GIT_HTTP_EXPORT_ALL": "1",
                 "GIT_HTTP_MAX_REQUEST_BUFFER": str(self.max_push),
@@ -256,7 +359,6 @@ class GitRemote:
                 host, port = request.scope["server"] or ("127.0.0.1", 0)
                 env["CLEARWAY_PUSH_TOKEN"] = token
                 env["CLEARWAY_API_URL"] = f"http://{host}:{port}"
-                env["CLEARWAY_PRODUCTION_REF"] = PRODUCTION_REF
             return await self._cgi(env, body, token)
         except BaseException:
             if token is not None:
@@ -384,50 +486,75 @@ class GitRemote:
     async def _update(
         self, app: str, *, ref: str, old: str, new: str, upload: Path | None, say: Callable[[str], None]
     ) -> bool:
-        if ref != PRODUCTION_REF:
-            if new == ZERO_SHA:
-                say(f"{ref} deleted")
-            elif ref.startswith("refs/heads/"):
-                branch = ref.removeprefix("refs/heads/")
-                say(
-                    f"{branch} stored; previews are not built yet: push to {PRODUCTION_BRANCH} to deploy "
-                    f"(git push clearway {branch}:{PRODUCTION_BRANCH})"
-                )
+        branch = branch_of(ref)
+        if branch is None:
+            say(f"{ref} {'deleted' if new == ZERO_SHA else 'stored'}; only branches (refs/heads/*) are built")
             return True
-        if new == ZERO_SHA:
+        if new == ZERO_SHA and branch == PRODUCTION_BRANCH:
             say(
                 f"refusing to delete {PRODUCTION_BRANCH}: it is what {app} serves. "
                 f"`clearway destroy {app}` removes the app"
             )
             return False
-        if upload is None:
+        if new != ZERO_SHA and upload is None:
             say("error: the hook sent no archive of the pushed commit")
             return False
+        async with self.serialised(app, say):
+            current = await self.head(app, ref)
+            if current != old:
+                say(
+                    f"{branch} moved to {current[:7]} while this push waited: "
+                    "`git pull` (or fetch and rebase) and push again"
+                )
+                return False
+            if upload is None:
+                await self.end_preview(app, branch, say)
+                return True
+            build = self.store.create_build(app, ref=ref, old_sha=old, new_sha=new)
+            return await self.deploy(app, build=build, branch=branch, upload=upload, say=say)
+
+    @contextlib.asynccontextmanager
+    async def serialised(self, app: str, say: Callable[[str], None]) -> AsyncIterator[None]:
+        """Hold the app's build lock: one build (or teardown) of an app at a time."""
         lock = self._locks.setdefault(app, asyncio.Lock())
         if lock.locked():
             say(f"waiting for another push to {app} to finish…")
         async with lock:
-            current = await self._ref(app, ref)
-            if current != old:
-                say(
-                    f"{PRODUCTION_BRANCH} moved to {current[:7]} while this push waited: "
-                    "`git pull` (or fetch and rebase) and push again"
-                )
-                return False
-            return await self._build(app, ref=ref, old=old, new=new, upload=upload, say=say)
+            yield
 
-    async def _build(
-        self, app: str, *, ref: str, old: str, new: str, upload: Path, say: Callable[[str], None]
+    async def end_preview(self, app: str, branch: str, say: Callable[[str], None]) -> None:
+        """Tear down the preview of ``branch`` (its branch was deleted), and wait (a little)
+        until the data plane no longer routes to it."""
+        ended = self.store.end_branch(app, branch)
+        if not ended:
+            say(f"{branch} deleted (it had no running preview)")
+            return
+        self.reconciler.poke()
+        try:
+            async with asyncio.timeout(TEARDOWN_TIMEOUT):
+                # Two passes: the first may have read the desired state before end_branch.
+                await self.reconciler.wait_pass()
+                await self.reconciler.wait_pass()
+                gone = await self.backend.converged()
+        except TimeoutError:
+            gone = False
+        later = "" if gone else " (the gateway stops routing to it in a moment)"
+        say(f"{branch} deleted: its preview ({', '.join(ended)}) is torn down{later}")
+
+    async def deploy(
+        self, app: str, *, build: Build, branch: str, upload: Path, say: Callable[[str], None]
     ) -> bool:
-        build = self.store.create_build(app, ref=ref, old_sha=old, new_sha=new)
-        number = build.number
+        """Build, test and start the pushed commit of ``branch``: a canary of production,
+        or that branch's preview. True once it serves (see the module docstring)."""
+        number, new = build.number, build.new_sha
+        preview = branch != PRODUCTION_BRANCH
 
         def note(line: str) -> None:
             say(line)
             self.store.update_build(app, number, log=line + "\n")
 
         started = time.monotonic()
-        note(f"build {number} of {app}: {PRODUCTION_BRANCH} at {new[:7]}; preparing the environment…")
+        note(f"build {number} of {app}: {branch} at {new[:7]}; preparing the environment…")
 
         async def check(project: Path, environment: BuiltEnvironment, spec: AppSpec) -> None:
             if spec.name != app:
@@ -449,49 +576,95 @@ class GitRemote:
                 raise _TestsFailed()
             note("tests passed")
 
+        kept = f"nothing was deployed, {branch} stays where it was"
         try:
             revision, _ = await self.builder.build_with_environment(
-                upload, app_file="app.py", env={}, extra=requirements_for, check=check
+                upload,
+                app_file="app.py",
+                env={},
+                extra=requirements_for,
+                check=check,
+                branch=branch if preview else None,
+                commit=new,
+                canary=not preview,
             )
         except _TestsFailed:
-            note(f"✗ tests failed: nothing was deployed, {PRODUCTION_BRANCH} stays where it was")
+            note(f"✗ tests failed: {kept}")
             self.store.update_build(app, number, state=BuildState.TESTS_FAILED)
             return False
         except APIError as exc:
             note(f"✗ {exc.message}")
             for line in (exc.details or "").strip().splitlines()[-40:]:
                 note(f"  {line}")
-            note(f"nothing was deployed, {PRODUCTION_BRANCH} stays where it was")
+            note(kept)
             self.store.update_build(app, number, state=BuildState.FAILED)
             return False
         self.store.update_build(app, number, state=BuildState.DEPLOYING, revision=revision.id)
         self.reconciler.poke()
         note(f"revision {revision.id} starting…")
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            current = self.store.revision(revision.id)
-            state = current.state if current else RevisionState.FAILED
-            if state is RevisionState.ACTIVE:
-                break
-            if state in (RevisionState.FAILED, RevisionState.RETIRED) or time.monotonic() > deadline:
-                error = (current.error if current else None) or f"it did not become ready within {START_TIMEOUT:.0f}s"
-                note(f"✗ {revision.id} did not start; the previous revision (if any) keeps serving")
-                for line in error.strip().splitlines()[-40:]:
-                    note(f"  {line}")
-                self.store.update_build(app, number, state=BuildState.FAILED)
-                return False
-            if self.reconciler.fault:
-                note(f"✗ {revision.id} cannot make progress: {self.reconciler.fault}")
-                self.store.update_build(app, number, state=BuildState.FAILED)
-                return False
-            # The revision's state lives in the store, moved by the reconciler: poll it.
-            await asyncio.sleep(0.1)
-        assert current is not None
-        note(f"✓ {revision.id} is serving ({time.monotonic() - started:.1f}s)")
-        for url in self.backend.urls(current.spec):
+        current = await self._started(app, revision.id, preview=preview, note=note)
+        if current is None:
+            self.store.update_build(app, number, state=BuildState.FAILED)
+            return False
+        elapsed = time.monotonic() - started
+        if preview:
+            note(f"✓ {revision.id} is serving preview {branch} ({elapsed:.1f}s)")
+            urls = self.backend.urls(current.spec, branch=branch, commit=new)
+        elif current.state is RevisionState.CANARY:
+            note(f"✓ {revision.id} is ready ({elapsed:.1f}s) and goes out as a canary")
+            note(describe_plan(current))
+            note(f"follow it with `clearway rollout status {app}`; the push is accepted now")
+            urls = [*self.backend.urls(current.spec), *self.backend.urls(current.spec, commit=new)]
+        else:
+            promoted = any(r.canary == revision.id for r in self.store.rollouts(app, limit=3))
+            how = "its rollout promoted it already" if promoted else "no stable revision to compare it with, so it took all traffic"
+            note(f"✓ {revision.id} is serving ({elapsed:.1f}s): {how}")
+            urls = [*self.backend.urls(current.spec), *self.backend.urls(current.spec, commit=new)]
+        for url in urls:
             note(f"  {url}")
         self.store.update_build(app, number, state=BuildState.DEPLOYED)
         return True
+
+    async def _started(
+        self, app: str, rev_id: str, *, preview: bool, note: Callable[[str], None]
+    ) -> Revision | None:
+        """Wait until the revision serves (a preview: ACTIVE; production: CANARY or
+        ACTIVE); None, having said why, when it never will."""
+        done = {RevisionState.ACTIVE} if preview else {RevisionState.ACTIVE, RevisionState.CANARY}
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            current = self.store.revision(rev_id)
+            state = current.state if current else RevisionState.FAILED
+            if current is not None and state in done:
+                return current
+            if state is RevisionState.ROLLED_BACK:
+                note(f"✗ the canary {rev_id} was rolled back; the stable revision keeps serving")
+                for line in ((current.error if current else None) or "").strip().splitlines()[-40:]:
+                    note(f"  {line}")
+                note(f"`clearway rollout status {app}` shows why")
+                return None
+            if state in (RevisionState.FAILED, RevisionState.RETIRED) or time.monotonic() > deadline:
+                error = (current.error if current else None) or f"it did not become ready within {START_TIMEOUT:.0f}s"
+                note(f"✗ {rev_id} did not start; what served before keeps serving")
+                for line in error.strip().splitlines()[-40:]:
+                    note(f"  {line}")
+                return None
+            if self.reconciler.fault:
+                note(f"✗ {rev_id} cannot make progress: {self.reconciler.fault}")
+                return None
+            # The revision's state lives in the store, moved by the reconciler: poll it.
+            await asyncio.sleep(0.1)
+
+
+def branch_of(ref: str) -> str | None:
+    """The branch a ref names (``refs/heads/feature-x`` -> ``feature-x``); None for tags and others."""
+    branch = ref.removeprefix("refs/heads/")
+    return branch if branch != ref and branch else None
+
+
+def carries_archive(ref: str, new: str) -> bool:
+    """Whether the hook sends the pushed tree with this ref update: every branch not being deleted."""
+    return branch_of(ref) is not None and new != ZERO_SHA
 
 
 class _TestsFailed(Exception):

@@ -6,10 +6,13 @@ interpreter) after receiving a push and before moving any ref, with one line
 /v1/git/<app>/push`` on the control plane with the per-push token git's
 environment carries (``CLEARWAY_PUSH_TOKEN``; never the operator's token), and
 prints the lines the control plane streams back, as they come: git relays
-them to the pusher as ``remote:`` lines. For the production ref the request
-body is ``git archive --format=tar.gz <new>``, made here because only inside
-the hook (git's quarantine environment) are the pushed objects readable. The
-hook exits 1, so git rejects the whole push, when any update is rejected.
+them to the pusher as ``remote:`` lines. For every branch that is not being
+deleted (production, or a preview) the request body is ``git archive
+--format=tar.gz <new>``, made here because only inside the hook (git's
+quarantine environment) are the pushed objects readable; deletions, tags and
+other refs send no body. Updates are sent one after the other, in the order
+git gives them. The hook exits 1, so git rejects the whole push, when any
+update is rejected.
 
 Standard library only: it runs on every push and must start fast.
 """
@@ -44,6 +47,11 @@ def _archive(sha: str) -> Iterator[bytes]:
             raise RuntimeError(f"git archive {sha} failed")
 
 
+def carries_archive(ref: str, new: str) -> bool:
+    """Every pushed branch but a deletion is built (``control.git.carries_archive``, kept in step)."""
+    return ref.startswith("refs/heads/") and len(ref) > len("refs/heads/") and new != ZERO_SHA
+
+
 def update(app: str, old: str, new: str, ref: str) -> bool:
     """Send one ref update to the control plane and print its answer; True if accepted."""
     api = urllib.parse.urlsplit(os.environ["CLEARWAY_API_URL"])
@@ -51,7 +59,7 @@ def update(app: str, old: str, new: str, ref: str) -> bool:
     conn = http.client.HTTPConnection(api.hostname or "127.0.0.1", api.port, timeout=TIMEOUT)
     headers = {"authorization": f"Bearer {os.environ['CLEARWAY_PUSH_TOKEN']}"}
     try:
-        if ref == os.environ.get("CLEARWAY_PRODUCTION_REF") and new != ZERO_SHA:
+        if carries_archive(ref, new):
             headers["content-type"] = "application/gzip"
             conn.request("POST", f"/v1/git/{app}/push?{query}", body=_archive(new), headers=headers, encode_chunked=True)
         else:

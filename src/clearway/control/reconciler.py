@@ -18,8 +18,15 @@ A full disk (`StorageFull`) stops a pass but not the loop: it is logged once
 per episode, exposed as `Reconciler.fault` (the API shows it to a waiting
 ``clearway deploy``), and cleared by the first pass that completes.
 
+Tracks: production and each preview branch activate separately (a preview's
+new revision retires only that branch's old one), and previews run with their
+own replica counts (``AppRecord.preview_scale``, default one per component).
+A ready production revision created with ``canary=True`` does not take the
+traffic at once: `control.rollouts` starts its rollout, and from then on the
+weights of that app's route come from the rollout's step.
+
 Because nothing lives only in memory, a control plane killed mid-deploy resumes
-the deploy where it left off after a restart.
+the deploy (or the rollout) where it left off after a restart.
 """
 
 from __future__ import annotations
@@ -33,9 +40,18 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from clearway.backends.base import Artifact, Backend, DesiredState, TrafficTarget, Workload
+from clearway.backends.base import (
+    Artifact,
+    Backend,
+    DesiredState,
+    HostAlias,
+    TrafficTarget,
+    Workload,
+)
 from clearway.control.faults import StorageFull, is_disk_full
-from clearway.control.store import Revision, RevisionState, Store
+from clearway.control.rollouts import RolloutController, SmokeRunner
+from clearway.control.store import RUNNING_STATES, AppRecord, Revision, RevisionState, Store
+from clearway.spec.ids import branch_label, commit_label
 
 log = logging.getLogger("clearway.control")
 
@@ -50,6 +66,15 @@ def desired_replicas(revision: Revision, scale: dict[str, int]) -> dict[str, int
     return {c.name: scale.get(c.name, c.replicas) for c in revision.spec.components}
 
 
+def replicas_for(revision: Revision, app: AppRecord | None) -> dict[str, int]:
+    """Production revisions: the spec's counts under ``clearway scale``; previews: one
+    each (a component the spec turns off stays off) under ``clearway scale --previews``."""
+    if revision.branch is None:
+        return desired_replicas(revision, app.scale if app else {})
+    scale = app.preview_scale if app else {}
+    return {c.name: scale.get(c.name, min(c.replicas, 1)) for c in revision.spec.components}
+
+
 class Reconciler:
     def __init__(
         self,
@@ -60,6 +85,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         assign_uids: bool | None = None,
         after_activation: Callable[[], Awaitable[None]] | None = None,
+        smoke: SmokeRunner | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -72,6 +98,7 @@ class Reconciler:
         #: Run after a pass that made a revision active (garbage collection): off the
         #: path of the deploy itself, which is complete by then; its failure is logged.
         self.after_activation = after_activation
+        self.rollouts = RolloutController(store, backend, clock=clock, smoke=smoke)
         self._wake = asyncio.Event()
         self._passes = 0
         self._pass_done = asyncio.Condition()
@@ -113,10 +140,11 @@ class Reconciler:
             await self._pass_done.wait_for(lambda: self._passes >= target)
 
     def desired_state(self, promoting: frozenset[str] = frozenset()) -> DesiredState:
-        """The whole desired state; ``promoting`` revisions get the traffic of their apps."""
-        scales = {a.name: a.scale for a in self.store.apps()}
-        running = self.store.revisions(states={RevisionState.STARTING, RevisionState.ACTIVE})
-        promoted_apps = {r.app for r in running if r.id in promoting}
+        """The whole desired state; ``promoting`` revisions get the traffic of their track."""
+        apps = {a.name: a for a in self.store.apps()}
+        running = self.store.revisions(states=set(RUNNING_STATES))
+        rollouts = self.rollouts.running()
+        promoted_tracks = {(r.app, r.branch) for r in running if r.id in promoting}
         workloads = [
             Workload(
                 app=r.app,
@@ -125,19 +153,43 @@ class Reconciler:
                 artifact=Artifact(code=r.code_digest, env=r.env_digest, python=r.python or _PLATFORM_PYTHON),
                 app_file=r.app_file,
                 env={**r.spec.env, **r.env},
-                replicas=desired_replicas(r, scales.get(r.app, {})),
+                replicas=replicas_for(r, apps.get(r.app)),
                 uid=r.uid if self.assign_uids else None,
             )
             for r in running
         ]
+
+        def weight(r: Revision) -> int:
+            if (r.app, r.branch) in promoted_tracks:
+                return 100 if r.id in promoting else 0
+            rollout = rollouts.get(r.app) if r.branch is None else None
+            if rollout is not None and r.id == rollout.canary:
+                return rollout.weight
+            if rollout is not None and r.id == rollout.stable:
+                return 100 - rollout.weight
+            return 100 if r.state is RevisionState.ACTIVE else 0
+
         traffic: dict[str, list[TrafficTarget]] = {}
+        previews: dict[tuple[str, str], list[TrafficTarget]] = {}
+        commits: dict[tuple[str, str], Revision] = {}
         for r in running:
-            if r.app in promoted_apps:
-                weight = 100 if r.id in promoting else 0
+            target = TrafficTarget(revision=r.id, weight=weight(r))
+            if r.branch is None:
+                traffic.setdefault(r.app, []).append(target)
             else:
-                weight = 100 if r.state is RevisionState.ACTIVE else 0
-            traffic.setdefault(r.app, []).append(TrafficTarget(revision=r.id, weight=weight))
-        return DesiredState(workloads=workloads, traffic=traffic)
+                previews.setdefault((r.app, r.branch), []).append(target)
+            if r.commit is not None:
+                # The newest revision built from a commit answers at <sha7>.<app>.
+                commits[(r.app, commit_label(r.commit))] = r
+        aliases = [
+            HostAlias(app=app, label=branch_label(branch), targets=targets)
+            for (app, branch), targets in sorted(previews.items())
+        ]
+        aliases += [
+            HostAlias(app=app, label=label, targets=[TrafficTarget(revision=r.id, weight=100)])
+            for (app, label), r in sorted(commits.items())
+        ]
+        return DesiredState(workloads=workloads, traffic=traffic, aliases=aliases)
 
     def _deadline(self, rev: Revision) -> tuple[float, float] | None:
         """(startup limit, deadline) of a starting revision; None when it has no start time."""
@@ -145,6 +197,21 @@ class Reconciler:
             return None
         limit = max((c.startup_timeout for c in rev.spec.components), default=60.0)
         return limit, rev.started_at + limit + STARTUP_MARGIN
+
+    def _begin_rollouts(self, ready: list[Revision]) -> list[Revision]:
+        """Start the rollouts of ready canaries; the revisions left to activate outright."""
+        rest: list[Revision] = []
+        for rev in ready:
+            stable = self.store.active(rev.app) if rev.canary and rev.branch is None else None
+            if stable is None:
+                rest.append(rev)
+                continue
+            newer = [r for r in ready if r.app == rev.app and r.branch is None and r.number > rev.number]
+            if newer:
+                rest.append(rev)  # a newer ready revision supersedes it (activate fails older ones)
+                continue
+            self.rollouts.begin(rev, stable)
+        return rest
 
     async def reconcile_once(self) -> None:
         await self.backend.apply(self.desired_state())
@@ -176,6 +243,9 @@ class Reconciler:
                     + (f"\nlast error: {last}" if last else ""),
                 )
                 changed = True
+        rest = self._begin_rollouts(ready)
+        changed |= len(rest) != len(ready)
+        ready = rest
         if ready:
             # Move the traffic first and mark the revision active only once the
             # data plane confirms it serves it: "active" then means "answering
@@ -186,6 +256,8 @@ class Reconciler:
             await self.backend.apply(self.desired_state(promoting=ids))
             if await self.backend.converged():
                 for rev in ready:
+                    if rev.branch is None:
+                        self.rollouts.end_superseded(rev.app, rev.id)
                     self.store.activate(rev.id)
                 activated = True
             else:
@@ -202,6 +274,8 @@ class Reconciler:
                         )
                     else:
                         log.warning("the data plane has not confirmed serving %s yet; retrying", rev.id)
+            changed = True
+        if await self.rollouts.advance(observed):
             changed = True
         if changed:
             # Apply the new lifecycle at once rather than on the next tick.

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clearway.control.environments import EnvironmentBuilder
-from clearway.control.store import Revision, RevisionState, Store
+from clearway.control.store import RUNNING_STATES, Revision, Store
 
 log = logging.getLogger("clearway.control")
 
 #: Revisions kept per app (their code and environment) for rollback.
 DEFAULT_KEEP_REVISIONS = 10
 
-_RUNNING = {RevisionState.STARTING, RevisionState.ACTIVE}
+_RUNNING = RUNNING_STATES
 
 
 @dataclass(frozen=True)

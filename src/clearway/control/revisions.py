@@ -130,6 +130,9 @@ class RevisionBuilder:
         env: dict[str, str],
         extra: Callable[[Path], tuple[str, ...]] | None = None,
         check: Check | None = None,
+        branch: str | None = None,
+        commit: str | None = None,
+        canary: bool = False,
     ) -> tuple[Revision, BuiltEnvironment]:
         """`build`, also saying how the environment was obtained (built or reused).
 
@@ -137,7 +140,9 @@ class RevisionBuilder:
         gate): ``extra(project)`` names requirements added to the
         environment's resolution, and ``check(project, environment, spec)``
         runs once the spec is read, before anything is stored; raising from it
-        stops the build with nothing left behind.
+        stops the build with nothing left behind. ``branch``, ``commit`` and
+        ``canary`` go to `Store.create_revision` (a preview, the pushed commit,
+        a rollout).
         """
         if Path(app_file).is_absolute() or ".." in Path(app_file).parts:
             raise APIError(422, f"app_file {app_file!r} must be a path inside the project")
@@ -175,6 +180,9 @@ class RevisionBuilder:
                         env=env,
                         env_digest=environment.digest,
                         python=environment.python_version,
+                        branch=branch,
+                        commit=commit,
+                        canary=canary,
                     )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -232,14 +240,16 @@ class RevisionBuilder:
         what: str,
         time_limit: float,
         extra_env: dict[str, str] | None = None,
+        uid: int | None = None,
     ) -> tuple[int | None, bytes, bytes]:
         """Run ``command`` on the project in ``code_dir`` as the dedicated child uid,
         isolated like a replica, with a minimal environment and a throwaway workdir.
 
         The one way the control plane runs project code (reading the spec, the test
         gate): nothing of its own environment reaches the child. Returns
-        (exit code or None on timeout, stdout, stderr)."""
-        uid = self.ownership.inspect_uid
+        (exit code or None on timeout, stdout, stderr). ``uid``: run as this uid
+        instead (an app's own, for code stored readable only by it)."""
+        uid = uid if uid is not None and self.ownership.as_root else self.ownership.inspect_uid
         workdir, isolation = await asyncio.to_thread(self._child_isolation, code_dir, uid, python)
         try:
             try:

@@ -45,8 +45,10 @@ from clearway.control.home import Home
 from clearway.control.reconciler import Reconciler
 from clearway.control.retention import DEFAULT_KEEP_REVISIONS, Retention
 from clearway.control.revisions import Ownership, RevisionBuilder
+from clearway.control.smoke import SmokeChecks
 from clearway.control.store import DEFAULT_UID_BASE, Store
 from clearway.control.uploads import UploadLimits
+from clearway.control.webhooks import GitHubWebhooks
 from clearway.exceptions import RuntimeStartError
 from clearway.tasks import TaskSupervisor
 
@@ -205,8 +207,15 @@ class ControlPlane:
         async def collect() -> None:
             await retention.collect()
 
-        reconciler = Reconciler(store, backend, after_activation=collect)
+        smoke = SmokeChecks(
+            builder,
+            signing,
+            gateway_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}",
+            domain=domains[0],
+        )
+        reconciler = Reconciler(store, backend, after_activation=collect, smoke=smoke)
         backend.subscribe(reconciler.poke)
+        remote = GitRemote(self.home.root, store=store, builder=builder, reconciler=reconciler, backend=backend)
         api = create_api(
             store=store,
             backend=backend,
@@ -215,7 +224,8 @@ class ControlPlane:
             token=token,
             signing=signing,
             on_shutdown=self.request_shutdown,
-            git=GitRemote(self.home.root, store=store, builder=builder, reconciler=reconciler, backend=backend),
+            git=remote,
+            webhooks=GitHubWebhooks(store=store, remote=remote, tasks=tasks),
         )
         server = _EmbeddedServer(
             uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
@@ -248,6 +258,7 @@ class ControlPlane:
             log.info("shutting down (stopping apps: %s)", self._stop_workloads)
             server.should_exit = True
             await tasks.close()
+            await reconciler.rollouts.close()
             await backend.close(stop_workloads=self._stop_workloads)
             store.close()
             with contextlib.suppress(FileNotFoundError):

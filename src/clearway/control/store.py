@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from clearway.control.faults import StateIntegrityError, StorageFull, is_disk_full
-from clearway.spec.model import AppSpec
+from clearway.spec.model import AppSpec, CanaryPolicy
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: First uid (= gid) handed to an app; the spec-reading child runs as the one below.
 DEFAULT_UID_BASE = 400_000
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
     scale TEXT NOT NULL DEFAULT '{}',
-    next_number INTEGER NOT NULL DEFAULT 1
+    next_number INTEGER NOT NULL DEFAULT 1,
+    preview_scale TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS revisions (
     id TEXT PRIMARY KEY,
@@ -87,6 +88,9 @@ CREATE TABLE IF NOT EXISTS revisions (
     python TEXT,
     pruned_at REAL,
     deploy_env TEXT,
+    branch TEXT,
+    commit_sha TEXT,
+    canary INTEGER NOT NULL DEFAULT 0,
     UNIQUE (app, number)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -133,6 +137,30 @@ CREATE TABLE IF NOT EXISTS builds (
     finished_at REAL,
     UNIQUE (app, number)
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    canary TEXT NOT NULL,
+    stable TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    reason TEXT,
+    started_at REAL NOT NULL,
+    step_started_at REAL NOT NULL,
+    finished_at REAL,
+    baseline TEXT,
+    analysis TEXT,
+    smoke TEXT NOT NULL DEFAULT 'none',
+    timeline TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS rollouts_app ON rollouts(app, id);
+CREATE TABLE IF NOT EXISTS webhooks (
+    app TEXT PRIMARY KEY,
+    secret TEXT NOT NULL,
+    repository TEXT,
+    created_at REAL NOT NULL
+);
 """
 
 #: Joined into every revision query so a revision carries its app's uid.
@@ -149,21 +177,46 @@ class RevisionState(enum.StrEnum):
     STARTING = "starting"
     #: Every replica became ready; it serves the app's traffic.
     ACTIVE = "active"
+    #: Ready, and getting a rollout's share of the app's traffic beside the
+    #: active (stable) revision (``control.rollouts``).
+    CANARY = "canary"
     #: Replaced by a newer revision; kept on disk so ``rollback`` can bring it back.
     RETIRED = "retired"
     #: Could not start (import error, crash, never ready); ``error`` says why.
     FAILED = "failed"
+    #: A canary that its rollout's analysis (or an operator) sent back; ``error`` says why.
+    ROLLED_BACK = "rolled back"
+
+
+#: The states whose replicas run.
+RUNNING_STATES = frozenset({RevisionState.STARTING, RevisionState.ACTIVE, RevisionState.CANARY})
 
 
 class ConfigScope(enum.StrEnum):
-    """Where an app's configuration applies. Previews (issue 6) will add their own scope."""
+    """Where an app's configuration applies."""
 
     #: The app's serving revisions: every ``clearway deploy`` and ``clearway config`` change.
     PRODUCTION = "production"
+    #: Every preview (a pushed branch other than production): test databases, sandbox keys.
+    PREVIEW = "preview"
+
+
+class RolloutState(enum.StrEnum):
+    """Lifecycle of a rollout (``control.rollouts``)."""
+
+    #: The canary gets its step's share of traffic while the analysis watches.
+    RUNNING = "running"
+    #: The canary passed every step (or an operator promoted it): it is the active revision.
+    PROMOTED = "promoted"
+    #: The analysis failed: all traffic went back to the stable revision.
+    ROLLED_BACK = "rolled back"
+    #: An operator aborted it (``clearway rollout abort``), or the stable revision went away.
+    ABORTED = "aborted"
 
 
 class BuildState(enum.StrEnum):
-    """Lifecycle of a build: a push to an app's production branch (``control.git``)."""
+    """Lifecycle of a build: a pushed branch (``control.git``) or a webhook delivery
+    (``control.webhooks``), production's or a preview's."""
 
     #: The pushed commit is being exported, its environment built and its spec read.
     BUILDING = "building"
@@ -171,7 +224,8 @@ class BuildState(enum.StrEnum):
     TESTING = "testing"
     #: Its revision is stored and starting; production is not touched until it is ready.
     DEPLOYING = "deploying"
-    #: Its revision serves; ``revision`` names it. The push was accepted.
+    #: Its revision serves (a preview, the first revision) or its canary rollout started;
+    #: ``revision`` names it. The push was accepted.
     DEPLOYED = "deployed"
     #: The tests failed: nothing was deployed and the push was rejected.
     TESTS_FAILED = "failed tests"
@@ -261,12 +315,25 @@ class Revision:
     #: The ``--env`` of the deploy that made its artifact: a configuration
     #: change carries it into the revision it makes, still above the configuration.
     deploy_env: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The git branch of a preview; None: a production revision.
+    branch: str | None = None
+    #: The pushed commit it was built from (git builds only).
+    commit: str | None = None
+    #: Goes out as a canary rollout when it becomes ready (if a stable revision serves).
+    canary: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING_STATES
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "app": self.app,
             "number": self.number,
+            "branch": self.branch,
+            "commit": self.commit,
+            "canary": self.canary,
             "state": self.state.value,
             "error": self.error,
             "created_at": self.created_at,
@@ -285,6 +352,62 @@ class AppRecord:
     created_at: float
     scale: dict[str, int] = field(default_factory=dict)
     uid: int | None = None
+    #: Replicas per component of every preview (default 1 each, whatever the spec says).
+    preview_scale: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One canary rollout of a production revision, with its timeline."""
+
+    id: int
+    app: str
+    canary: str
+    stable: str
+    policy: CanaryPolicy
+    step: int
+    state: RolloutState
+    reason: str | None
+    started_at: float
+    step_started_at: float
+    finished_at: float | None
+    #: The gateway's counters of both revisions when the step began: {"canary": .., "stable": ..}.
+    baseline: dict[str, Any] | None
+    #: The latest analysis (``control.analysis.Analysis.to_json``).
+    analysis: dict[str, Any] | None
+    timeline: list[dict[str, Any]]
+    #: The smoke checks: "none" (the app has none), "pending" (not passed yet: no traffic) or "passed".
+    smoke: str = "none"
+
+    @property
+    def weight(self) -> int:
+        """The canary's percent of traffic now."""
+        if self.state is RolloutState.PROMOTED:
+            return 100
+        if self.state is not RolloutState.RUNNING or self.smoke == "pending":
+            return 0
+        return self.policy.steps[min(self.step, len(self.policy.steps) - 1)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app": self.app,
+            "canary": self.canary,
+            "stable": self.stable,
+            "steps": list(self.policy.steps),
+            "step": self.step,
+            "weight": self.weight,
+            "state": self.state.value,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "step_started_at": self.step_started_at,
+            "finished_at": self.finished_at,
+            "analysis": self.analysis,
+            "smoke": self.smoke,
+            "timeline": self.timeline,
+            "policy": self.policy.model_dump(mode="json"),
+            "minimum_seconds": self.policy.minimum_seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -457,9 +580,16 @@ class Store:
             ("python", "TEXT"),
             ("pruned_at", "REAL"),
             ("deploy_env", "TEXT"),
+            # Previews and canaries came in schema 6.
+            ("branch", "TEXT"),
+            ("commit_sha", "TEXT"),
+            ("canary", "INTEGER NOT NULL DEFAULT 0"),
         ):
             if column not in have:
                 self._db.execute(f"ALTER TABLE revisions ADD COLUMN {column} {kind}")
+        app_columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(apps)").fetchall()}
+        if "preview_scale" not in app_columns:
+            self._db.execute("ALTER TABLE apps ADD COLUMN preview_scale TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -533,6 +663,7 @@ class Store:
             created_at=row["created_at"],
             scale=json.loads(row["scale"]),
             uid=self.app_uid(row["name"]),
+            preview_scale=json.loads(row["preview_scale"]),
         )
 
     # -- uids -------------------------------------------------------------------
@@ -602,20 +733,24 @@ class Store:
             for r in reversed(rows)
         ]
 
-    def set_scale(self, app: str, component: str, replicas: int) -> None:
+    def set_scale(self, app: str, component: str, replicas: int, *, previews: bool = False) -> None:
+        """Set a component's replica count, of production or (``previews``) of every preview."""
+        column = "preview_scale" if previews else "scale"
         with self.transaction() as db:
-            row = db.execute("SELECT scale FROM apps WHERE name=?", (app,)).fetchone()
-            scale = json.loads(row["scale"])
+            row = db.execute(f"SELECT {column} FROM apps WHERE name=?", (app,)).fetchone()
+            scale = json.loads(row[0])
             scale[component] = replicas
-            db.execute("UPDATE apps SET scale=? WHERE name=?", (json.dumps(scale), app))
+            db.execute(f"UPDATE apps SET {column}=? WHERE name=?", (json.dumps(scale), app))
 
     def delete_app(self, app: str) -> None:
-        """Forget the app: its revisions, events and configuration (secrets included)."""
+        """Forget the app: its revisions, rollouts, builds, events, webhook and configuration (secrets included)."""
         with self.transaction() as db:
             db.execute("DELETE FROM config WHERE app=?", (app,))
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
             db.execute("DELETE FROM events WHERE app=?", (app,))
             db.execute("DELETE FROM builds WHERE app=?", (app,))
+            db.execute("DELETE FROM rollouts WHERE app=?", (app,))
+            db.execute("DELETE FROM webhooks WHERE app=?", (app,))
             db.execute("DELETE FROM apps WHERE name=?", (app,))
 
     # -- configuration ------------------------------------------------------------
@@ -681,16 +816,22 @@ class Store:
         env: dict[str, str],
         env_digest: str | None = None,
         python: str | None = None,
+        branch: str | None = None,
+        commit: str | None = None,
+        canary: bool = False,
     ) -> Revision:
         """Record a new revision in ``STARTING`` (creating the app and its uid on first deploy).
 
         ``env`` is the deploy's own ``--env``; the revision runs with the app's
-        production configuration as it is in this very transaction, under it.
+        configuration (production's, or for a preview ``branch`` the previews')
+        as it is in this very transaction, under it. ``canary``: when it becomes
+        ready while another production revision serves, it goes out as a rollout.
         """
         self.allocate_uid(spec.name)
         now = time.time()
+        scope = ConfigScope.PRODUCTION if branch is None else ConfigScope.PREVIEW
         with self.transaction() as db:
-            merged = {**self._config_env(db, spec.name, ConfigScope.PRODUCTION), **env}
+            merged = {**self._config_env(db, spec.name, scope), **env}
             db.execute(
                 "INSERT INTO apps(name, created_at) VALUES(?, ?) ON CONFLICT(name) DO NOTHING",
                 (spec.name, now),
@@ -702,8 +843,8 @@ class Store:
             rev_id = f"{spec.name}-{number}"
             db.execute(
                 "INSERT INTO revisions(id, app, number, spec, code_dir, app_file, env, state,"
-                " created_at, started_at, code_digest, env_digest, python, deploy_env)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " created_at, started_at, code_digest, env_digest, python, deploy_env, branch, commit_sha, canary)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rev_id,
                     spec.name,
@@ -719,9 +860,13 @@ class Store:
                     env_digest,
                     python,
                     json.dumps(env),
+                    branch,
+                    commit,
+                    int(canary),
                 ),
             )
-            self._event(db, spec.name, f"revision {rev_id} created")
+            where = f" for preview {branch}" if branch is not None else ""
+            self._event(db, spec.name, f"revision {rev_id} created{where}")
         revision = self.revision(rev_id)
         assert revision is not None
         return revision
@@ -765,6 +910,9 @@ class Store:
             pruned_at=row["pruned_at"],
             # Before schema 4 there was no configuration: all of env came from --env.
             deploy_env=json.loads(row["deploy_env"] if row["deploy_env"] is not None else row["env"]),
+            branch=row["branch"],
+            commit=row["commit_sha"],
+            canary=bool(row["canary"]),
         )
 
     def mark_pruned(self, rev_ids: list[str]) -> None:
@@ -787,30 +935,46 @@ class Store:
             self._event(db, app, f"revision {rev_id} restarted (rollback)")
 
     def activate(self, rev_id: str) -> None:
-        """Make ``rev_id`` the app's serving revision; the previous one retires. Atomic."""
+        """Make ``rev_id`` the serving revision of its app (or of its preview
+        branch); the previous one retires. Atomic."""
         with self.transaction() as db:
-            app = db.execute("SELECT app FROM revisions WHERE id=?", (rev_id,)).fetchone()[0]
-            db.execute(
-                "UPDATE revisions SET state=? WHERE app=? AND state=? AND id<>?",
-                (RevisionState.RETIRED.value, app, RevisionState.ACTIVE.value, rev_id),
-            )
-            db.execute(
-                "UPDATE revisions SET state=?, activated_at=?, error=NULL WHERE id=?",
-                (RevisionState.ACTIVE.value, time.time(), rev_id),
-            )
-            # An older deploy still starting must not win later and roll the app back.
-            number = db.execute("SELECT number FROM revisions WHERE id=?", (rev_id,)).fetchone()[0]
-            db.execute(
-                "UPDATE revisions SET state=?, error=? WHERE app=? AND state=? AND number<?",
-                (
-                    RevisionState.FAILED.value,
-                    f"superseded by {rev_id}, which became ready first",
-                    app,
-                    RevisionState.STARTING.value,
-                    number,
-                ),
-            )
-            self._event(db, app, f"revision {rev_id} is serving")
+            self._activate(db, rev_id)
+
+    def _activate(self, db: sqlite3.Connection, rev_id: str) -> None:
+        row = db.execute("SELECT app, branch FROM revisions WHERE id=?", (rev_id,)).fetchone()
+        app, branch = row[0], row[1]
+        # "branch IS ?" matches NULL to NULL: production and each preview are separate tracks.
+        same_track = "app=? AND branch IS ?"
+        db.execute(
+            f"UPDATE revisions SET state=? WHERE {same_track} AND state IN (?, ?) AND id<>?",
+            (
+                RevisionState.RETIRED.value,
+                app,
+                branch,
+                RevisionState.ACTIVE.value,
+                RevisionState.CANARY.value,
+                rev_id,
+            ),
+        )
+        db.execute(
+            "UPDATE revisions SET state=?, activated_at=?, error=NULL WHERE id=?",
+            (RevisionState.ACTIVE.value, time.time(), rev_id),
+        )
+        # An older deploy still starting must not win later and roll the app back.
+        number = db.execute("SELECT number FROM revisions WHERE id=?", (rev_id,)).fetchone()[0]
+        db.execute(
+            f"UPDATE revisions SET state=?, error=? WHERE {same_track} AND state=? AND number<?",
+            (
+                RevisionState.FAILED.value,
+                f"superseded by {rev_id}, which became ready first",
+                app,
+                branch,
+                RevisionState.STARTING.value,
+                number,
+            ),
+        )
+        where = f" (preview {branch})" if branch is not None else ""
+        self._event(db, app, f"revision {rev_id} is serving{where}")
 
     def fail(self, rev_id: str, error: str) -> None:
         with self.transaction() as db:
@@ -820,6 +984,184 @@ class Store:
                 (RevisionState.FAILED.value, error, rev_id),
             )
             self._event(db, app, f"revision {rev_id} failed: {error.splitlines()[0] if error else ''}")
+
+    def active(self, app: str, branch: str | None = None) -> Revision | None:
+        """The serving revision of ``app`` (production, or the preview ``branch``)."""
+        for rev in self.revisions(app, states={RevisionState.ACTIVE}):
+            if rev.branch == branch:
+                return rev
+        return None
+
+    def end_branch(self, app: str, branch: str) -> list[str]:
+        """Tear a preview down: retire every running revision of ``branch``; their ids."""
+        states = tuple(s.value for s in RUNNING_STATES)
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id FROM revisions WHERE app=? AND branch=? AND state IN (?, ?, ?)",
+                (app, branch, *states),
+            ).fetchall()
+            ids = [str(r[0]) for r in rows]
+            for rev_id in ids:
+                db.execute(
+                    "UPDATE revisions SET state=?, error=? WHERE id=?",
+                    (RevisionState.RETIRED.value, f"preview {branch} was deleted", rev_id),
+                )
+            if ids:
+                self._event(db, app, f"preview {branch} torn down ({', '.join(ids)})")
+        return ids
+
+    # -- rollouts -------------------------------------------------------------
+    def start_rollout(
+        self, canary: str, stable: str, policy: CanaryPolicy, *, detail: str, smoke: bool = False
+    ) -> Rollout:
+        """The canary is ready: it becomes ``CANARY`` and a rollout starts at its first step. Atomic."""
+        now = time.time()
+        with self.transaction() as db:
+            app = db.execute("SELECT app FROM revisions WHERE id=?", (canary,)).fetchone()[0]
+            db.execute(
+                "UPDATE revisions SET state=?, error=NULL WHERE id=?", (RevisionState.CANARY.value, canary)
+            )
+            timeline = [{"at": now, "event": "started", "detail": detail}]
+            cursor = db.execute(
+                "INSERT INTO rollouts(app, canary, stable, policy, step, state, started_at, step_started_at,"
+                " timeline, smoke) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                (
+                    app,
+                    canary,
+                    stable,
+                    policy.model_dump_json(),
+                    0,
+                    RolloutState.RUNNING.value,
+                    now,
+                    now,
+                    json.dumps(timeline),
+                    "pending" if smoke else "none",
+                ),
+            )
+            rollout_id = int(cursor.lastrowid or 0)
+            self._event(db, app, f"rollout of {canary} started: {detail}")
+        found = self.rollout_by_id(rollout_id)
+        assert found is not None
+        return found
+
+    def rollout_by_id(self, rollout_id: int) -> Rollout | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+        return None if row is None else self._rollout(row)
+
+    def rollout(self, app: str) -> Rollout | None:
+        """The app's running rollout, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM rollouts WHERE app=? AND state=? ORDER BY id DESC LIMIT 1",
+                (app, RolloutState.RUNNING.value),
+            ).fetchone()
+        return None if row is None else self._rollout(row)
+
+    def running_rollouts(self) -> list[Rollout]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rollouts WHERE state=? ORDER BY id", (RolloutState.RUNNING.value,)
+            ).fetchall()
+        return [self._rollout(r) for r in rows]
+
+    def rollouts(self, app: str, *, limit: int = 10) -> list[Rollout]:
+        """The app's newest rollouts, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rollouts WHERE app=? ORDER BY id DESC LIMIT ?", (app, limit)
+            ).fetchall()
+        return [self._rollout(r) for r in rows]
+
+    def update_rollout(
+        self,
+        rollout_id: int,
+        *,
+        analysis: dict[str, Any] | None = None,
+        baseline: dict[str, Any] | None = None,
+        step: int | None = None,
+        event: tuple[str, str] | None = None,
+        smoke: str | None = None,
+    ) -> None:
+        """Record the latest analysis, a new step (with its baseline) or a timeline event."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT timeline FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+            if row is None:
+                return
+            if analysis is not None:
+                db.execute("UPDATE rollouts SET analysis=? WHERE id=?", (json.dumps(analysis), rollout_id))
+            if baseline is not None:
+                db.execute("UPDATE rollouts SET baseline=? WHERE id=?", (json.dumps(baseline), rollout_id))
+            if step is not None:
+                db.execute(
+                    "UPDATE rollouts SET step=?, step_started_at=? WHERE id=?", (step, now, rollout_id)
+                )
+            if smoke is not None:
+                # The first step's clock and window start when the smoke checks have passed
+                # (their own requests to the canary are not the step's).
+                db.execute(
+                    "UPDATE rollouts SET smoke=?, step_started_at=?, baseline=NULL WHERE id=?",
+                    (smoke, now, rollout_id),
+                )
+            if event is not None:
+                timeline = json.loads(row[0])
+                timeline.append({"at": now, "event": event[0], "detail": event[1]})
+                db.execute("UPDATE rollouts SET timeline=? WHERE id=?", (json.dumps(timeline), rollout_id))
+
+    def finish_rollout(
+        self,
+        rollout_id: int,
+        state: RolloutState,
+        reason: str,
+        *,
+        canary_state: RevisionState = RevisionState.ROLLED_BACK,
+    ) -> None:
+        """End a rollout. Promoted: the canary becomes active and the stable retires;
+        otherwise the canary is ``canary_state`` (rolled back; retired when a newer
+        revision superseded it) and the stable keeps (or gets back) all traffic.
+        One transaction, so a crash leaves either the rollout running or its outcome whole."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+            if row is None or row["state"] != RolloutState.RUNNING.value:
+                return
+            timeline = json.loads(row["timeline"])
+            timeline.append({"at": now, "event": state.value, "detail": reason})
+            db.execute(
+                "UPDATE rollouts SET state=?, reason=?, finished_at=?, timeline=? WHERE id=?",
+                (state.value, reason, now, json.dumps(timeline), rollout_id),
+            )
+            canary = row["canary"]
+            current = db.execute("SELECT state FROM revisions WHERE id=?", (canary,)).fetchone()
+            if state is RolloutState.PROMOTED:
+                self._activate(db, canary)
+            elif current is not None and current[0] in (RevisionState.CANARY.value, RevisionState.STARTING.value):
+                db.execute(
+                    "UPDATE revisions SET state=?, error=? WHERE id=?",
+                    (canary_state.value, reason, canary),
+                )
+            self._event(db, row["app"], f"rollout of {canary} {state.value}: {reason}")
+
+    @staticmethod
+    def _rollout(row: sqlite3.Row) -> Rollout:
+        return Rollout(
+            id=row["id"],
+            app=row["app"],
+            canary=row["canary"],
+            stable=row["stable"],
+            policy=CanaryPolicy.model_validate_json(row["policy"]),
+            step=row["step"],
+            state=RolloutState(row["state"]),
+            reason=row["reason"],
+            started_at=row["started_at"],
+            step_started_at=row["step_started_at"],
+            finished_at=row["finished_at"],
+            baseline=json.loads(row["baseline"]) if row["baseline"] else None,
+            analysis=json.loads(row["analysis"]) if row["analysis"] else None,
+            timeline=json.loads(row["timeline"]),
+            smoke=row["smoke"],
+        )
 
     # -- builds -------------------------------------------------------------
     def create_build(self, app: str, *, ref: str, old_sha: str, new_sha: str) -> Build:
@@ -929,3 +1271,24 @@ class Store:
                 "SELECT at, message FROM events WHERE app=? ORDER BY id DESC LIMIT ?", (app, limit)
             ).fetchall()
         return [{"at": r["at"], "message": r["message"]} for r in reversed(rows)]
+
+    # -- webhooks -------------------------------------------------------------
+    def set_webhook(self, app: str, *, secret: str, repository: str | None) -> None:
+        """Create or replace the app's GitHub webhook (``control.webhooks``)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO webhooks(app, secret, repository, created_at) VALUES(?,?,?,?) "
+                "ON CONFLICT(app) DO UPDATE SET secret=excluded.secret, repository=excluded.repository,"
+                " created_at=excluded.created_at",
+                (app, secret, repository, time.time()),
+            )
+            # Not the repository: its URL may carry a read token.
+            self._event(db, app, "GitHub webhook set (a new secret)")
+
+    def webhook(self, app: str) -> dict[str, Any] | None:
+        """The app's webhook ({"app", "secret", "repository", "created_at"}), if it has one."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT app, secret, repository, created_at FROM webhooks WHERE app=?", (app,)
+            ).fetchone()
+        return None if row is None else dict(row)

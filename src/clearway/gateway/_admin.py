@@ -9,6 +9,14 @@ requests.  Asyncio Streams are fine here: this is not the hot path.
     GET /routes    {"generation": N}   (the control plane polls it after a reload)
     GET /held      {"<revision>": <held requests>}   (what scale-from-zero will act on)
     GET /metrics   Prometheus text format
+    GET /stats     {"bounds": [s...], "revisions": [{"app", "revision",
+                    "by_class": [1xx..5xx], "buckets": [non-cumulative, last +Inf]}]}
+
+``/stats`` is for the control plane's canary analysis: it needs the raw
+counters of each revision, which it subtracts between two readings, and
+parsing them back out of the Prometheus text would tie it to label names and
+cumulative ``le`` buckets.  The counters only grow for the gateway's life, so
+a reading that went down means the gateway restarted.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -37,11 +46,13 @@ class AdminServer:
         generation: Callable[[], int],
         held: Callable[[], dict[str, int]],
         metrics: Callable[[], bytes],
+        stats: Callable[[], dict[str, Any]],
     ) -> None:
         self.path = Path(path)
         self._generation = generation
         self._held = held
         self._metrics = metrics
+        self._stats = stats
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -92,4 +103,6 @@ class AdminServer:
             return 200, "application/json", json.dumps(self._held()).encode()
         if path == b"/metrics":
             return 200, CONTENT_TYPE_LATEST, self._metrics()
-        return 404, "text/plain", b"Unknown admin path; try /healthz, /routes, /held or /metrics.\n"
+        if path == b"/stats":
+            return 200, "application/json", json.dumps(self._stats()).encode()
+        return 404, "text/plain", b"Unknown admin path; try /healthz, /routes, /held, /metrics or /stats.\n"

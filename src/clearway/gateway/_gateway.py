@@ -7,8 +7,8 @@ and owns their lifecycle, so that every part can stay ignorant of the others'
 startup and shutdown order.
 
 Access control needs the platform's public signing key (``identity_key``, a
-PEM file): without it internal routes answer 401 to everyone and pin headers
-get 403, since nothing can be verified.  A reload hands the new table's
+PEM file): without it internal routes answer 401 to everyone and pins to
+revisions outside the traffic split get 403, since nothing can be verified.  A reload hands the new table's
 ``identities`` to the verifier in the same step as the new routes, so a
 replica removed from the table loses access with the reload that removes it.
 
@@ -159,6 +159,7 @@ class Gateway:
                 generation=lambda: self.generation,
                 held=self.held,
                 metrics=self._metrics.exposition,
+                stats=self._metrics.traffic,
             )
             await self._admin.start()
         self._supervisor.start("gateway timeout watchdog", ctx.run_watchdog())

@@ -5,9 +5,21 @@ machine, because the gateway trusted the loopback source address.  Now a
 caller proves *which replica it is* with the credential the platform gave it
 (``x-clearway-identity``: a replica JWT, EdDSA, audience ``clearway:replica``)
 and each internal route says which callers it accepts.  Likewise the revision
-pin header, which reaches a revision even at weight 0 (a canary before it gets
-traffic), is honoured only with a pin token the platform issued to an operator
+pin header, when it names a revision that gets no share of the route's traffic
+(weight 0: a canary before it gets traffic, or a name the route does not
+know), is honoured only with a pin token the platform issued to an operator
 (``x-clearway-pin-token``, audience ``clearway:pin``).
+
+A pin to a revision that *does* get a share (weight > 0) needs no token, by
+header or by the ``clearway-revision`` cookie (:func:`cookie_pin`): any
+client may land there by chance, so choosing it opens nothing that was
+closed - it only keeps a client on one side of a split, which is what a
+browser needs during a rollout (its page and the requests the page makes
+answered by the same revision).  What stays protected is exactly what was:
+a revision that gets no traffic.  A cookie naming such a revision is ignored
+rather than refused, so a cookie left over from a rolled-back canary falls
+back to the normal split instead of breaking a user's browsing; a header is
+explicit, so its refusal is a 403.
 
 Decisions and their reasons:
 
@@ -27,9 +39,10 @@ Decisions and their reasons:
 * **401 vs 403**: no credential, or one that is forged, expired or revoked,
   is a 401 (the caller must get a credential); a valid caller the route does
   not allow is a 403 that names caller and target (the policy must change).
-  A pin header without a valid pin token is a 403.
-* Nothing here touches sockets: :func:`check_caller` and :func:`check_pin`
-  take header values and return a decision, so the policy is tested directly.
+  A pin header to a weight-0 revision without a valid pin token is a 403.
+* Nothing here touches sockets: :func:`check_caller`, :func:`check_pin` and
+  :func:`cookie_pin` take header values and return a decision, so the policy
+  is tested directly.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from ._routes import AllowRule
 __all__ = [
     "CALLER_HEADER",
     "IDENTITY_HEADER",
+    "PIN_COOKIE",
     "PIN_TOKEN_HEADER",
     "Caller",
     "Denial",
@@ -60,6 +74,7 @@ __all__ = [
     "PinGrant",
     "check_caller",
     "check_pin",
+    "cookie_pin",
 ]
 
 #: The caller's replica JWT (stripped before forwarding).
@@ -68,6 +83,8 @@ IDENTITY_HEADER = b"x-clearway-identity"
 PIN_TOKEN_HEADER = b"x-clearway-pin-token"
 #: Set by the gateway on internal routes: ``app/revision/component`` of the verified caller.
 CALLER_HEADER = b"x-clearway-caller"
+#: The cookie that keeps a client on one weighted revision (forwarded to the app unchanged).
+PIN_COOKIE = b"clearway-revision"
 
 ISSUER = "clearway"
 REPLICA_AUDIENCE = "clearway:replica"
@@ -300,12 +317,16 @@ def check_caller(
 
 
 def check_pin(verifier: IdentityVerifier, token: bytes | None, app: str, revision: str) -> Denial | None:
-    """Whether a request pinned to ``revision`` of ``app`` may be (None: yes)."""
+    """Whether a request may be pinned to ``revision`` of ``app``, which gets no share of its traffic (None: yes).
+
+    A pin to a revision with weight > 0 needs no token and does not come here.
+    """
     if token is None:
         return _pin_denied(
             "pin-without-token",
-            f"Pinning app {app!r} to revision {revision} needs a pin token in the x-clearway-pin-token "
-            "header (`POST /v1/revisions/{id}/pin-token`).",
+            f"Revision {revision} of app {app!r} gets no share of its traffic: pinning a request to it "
+            "needs a pin token in the x-clearway-pin-token header (`clearway pin-token REVISION`, "
+            "or `POST /v1/revisions/{id}/pin-token`).",
         )
     grant = verifier.pin(token)
     if isinstance(grant, Denial):
@@ -316,6 +337,23 @@ def check_pin(verifier: IdentityVerifier, token: bytes | None, app: str, revisio
             f"The x-clearway-pin-token is for app {grant.app!r} revision {grant.revision}, "
             f"not app {app!r} revision {revision}.",
         )
+    return None
+
+
+def cookie_pin(cookie: bytes) -> str | None:
+    """The revision the ``clearway-revision`` cookie names in a Cookie header value, if any.
+
+    The proxy calls this only for headers containing ``clearway-revision=``.
+    Cookie names are case-sensitive (RFC 6265); the first one wins, as the
+    browser sends the most specific cookie first.
+    """
+    for pair in cookie.split(b";"):
+        name, equals, value = pair.partition(b"=")
+        if equals and name.strip() == PIN_COOKIE:
+            value = value.strip()
+            if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
+                value = value[1:-1]
+            return value.decode("latin-1") or None
     return None
 
 

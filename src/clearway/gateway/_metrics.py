@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -87,6 +88,29 @@ class Metrics:
 
     def all(self) -> list[RevisionStats]:
         return list(self._stats.values())
+
+    def traffic(self) -> dict[str, Any]:
+        """Raw counters per (app, revision), for the admin ``GET /stats``.
+
+        The canary analysis compares a canary's answers with its stable
+        revision's over the same minutes; it needs the counters themselves (to
+        subtract two readings), not Prometheus text.  Buckets stay
+        non-cumulative, as kept.  Unrouted requests belong to no revision and
+        are left out.
+        """
+        return {
+            "bounds": list(DURATION_BUCKETS),
+            "revisions": [
+                {
+                    "app": stats.app,
+                    "revision": stats.revision,
+                    "by_class": list(stats.by_class),
+                    "buckets": list(stats.buckets),
+                }
+                for stats in self._stats.values()
+                if stats is not self.unrouted
+            ],
+        }
 
     def held(self) -> dict[str, int]:
         """Held requests per revision, for the admin ``GET /held``."""

@@ -30,6 +30,15 @@ HTTP decisions worth knowing:
   ``x-clearway-caller`` is set by the gateway on internal routes (the verified
   caller) and removed on public ones.  Who may call what is decided in
   ``_identity.py``; this module only feeds it header values.
+* Pins: a request may name its revision, with the pin header or a
+  ``clearway-revision`` cookie.  A revision the route gives a share of its
+  traffic (weight > 0) is honoured without more: the request could have been
+  sent there by chance, so the pin opens nothing, and it is how a browser
+  stays on the canary during a rollout.  A header pin to any other revision
+  (weight 0, or unknown) needs a valid pin token or gets a 403; a cookie
+  naming one is ignored (the normal split picks), so a stale cookie after a
+  rollback never breaks browsing.  The Cookie header reaches the app
+  unchanged, and costs a parse only when it contains ``clearway-revision=``.
 * A request with two ``Host`` headers (or two of the trust headers) gets a
   400: a proxy that routes by one while the app reads the other can be made
   to send a request where its checks did not look.
@@ -63,6 +72,7 @@ from ._identity import (
     IdentityVerifier,
     check_caller,
     check_pin,
+    cookie_pin,
 )
 from ._metrics import Metrics, RevisionStats
 from ._router import BoundRoute, BoundTarget, Router
@@ -125,7 +135,7 @@ _BODY_CHUNK = _Body.CHUNK
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _REQUEST_SPECIAL = frozenset(
     {
-        b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+        b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
         b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect", b"x-request-id",
         b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
         IDENTITY_HEADER, PIN_TOKEN_HEADER, CALLER_HEADER, b"x-clearway-revision",
@@ -133,6 +143,8 @@ _REQUEST_SPECIAL = frozenset(
 )
 #: The default pin header; a route may name another (then it is removed separately).
 _DEFAULT_PIN = b"x-clearway-revision"
+#: What a Cookie header must contain to be parsed for a pin (most never are).
+_PIN_COOKIE_MARK = b"clearway-revision="
 _WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="clearway"\r\n'
 _RESPONSE_SPECIAL = frozenset(
     {
@@ -524,6 +536,7 @@ class ClientConnection(asyncio.Protocol):
         identity: bytes | None = None
         pin_token: bytes | None = None
         pin: bytes | None = None
+        pin_cookie: bytes | None = None
         duplicate: bytes | None = None
         kept: list[bytes] = []
         add = kept.extend
@@ -537,6 +550,10 @@ class ClientConnection(asyncio.Protocol):
                     duplicate = name
                 host = value
                 add((name, b": ", value, b"\r\n"))
+            elif lname == b"cookie":
+                add((name, b": ", value, b"\r\n"))
+                if pin_cookie is None and _PIN_COOKIE_MARK in value:
+                    pin_cookie = value
             elif lname == b"content-length":
                 length = value
                 add((name, b": ", value, b"\r\n"))
@@ -633,10 +650,16 @@ class ClientConnection(asyncio.Protocol):
         pinned: str | None = None
         if pin is not None:
             pinned = pin.decode("latin-1").strip()
-            denial = check_pin(self._ctx.verifier, pin_token, route.app, pinned)
-            if denial is not None:
-                self._deny(route, route.target_named(pinned), denial)
-                return
+            if route.weighted_target(pinned) is None:
+                # Outside the split (weight 0, or unknown): only a pin token opens it.
+                denial = check_pin(self._ctx.verifier, pin_token, route.app, pinned)
+                if denial is not None:
+                    self._deny(route, route.target_named(pinned), denial)
+                    return
+        elif pin_cookie is not None:
+            pinned = cookie_pin(pin_cookie)
+            if pinned is not None and route.weighted_target(pinned) is None:
+                pinned = None  # stale (rolled back) or never ours: the normal split picks
         target = route.pick_target(pinned)
         if route.internal:
             caller = check_caller(self._ctx.verifier, identity, route.allow, route.description)

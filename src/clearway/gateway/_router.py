@@ -13,10 +13,13 @@ replica stays in the table.
 
 Balancing choices and why:
 
-* Revisions: weighted random over targets with weight > 0, unless the route's
-  pin header names a revision (then that one, even at weight 0 - this is how
-  a new revision is smoke-tested before it gets traffic; the proxy honours a
-  pin only with a pin token, see ``_identity.py``).
+* Revisions: weighted random over targets with weight > 0, unless the
+  request is pinned to a revision (then that one).  The proxy decides which
+  pins count: one to a revision with weight > 0 (:meth:`BoundRoute.weighted_target`)
+  always - it could have been picked by chance, and it is how a client stays
+  on the canary of a rollout (header, or the ``clearway-revision`` cookie) -
+  and one to a weight-0 revision (a new revision smoke-tested before it gets
+  traffic) only with a pin token, see ``_identity.py``.
 * Replicas: least outstanding requests between two randomly chosen ones
   ("power of two choices"): nearly as good as global least-loaded and O(1).
 """
@@ -56,6 +59,7 @@ class BoundRoute:
         "_rng",
         "_total",
         "_weighted",
+        "_weighted_by_name",
         "allow",
         "app",
         "description",
@@ -81,6 +85,7 @@ class BoundRoute:
         self.pin_header = route.pin_header.encode("latin-1")
         self.targets = targets
         self._weighted = [t for t in targets if t.weight > 0]
+        self._weighted_by_name = {t.revision: t for t in self._weighted}
         self._cumulative = list(accumulate(t.weight for t in self._weighted))
         self._total = self._cumulative[-1] if self._cumulative else 0
         self._rng = rng
@@ -111,6 +116,10 @@ class BoundRoute:
             return None
         point = self._rng.random() * self._total
         return weighted[bisect_right(self._cumulative, point)]
+
+    def weighted_target(self, revision: str) -> BoundTarget | None:
+        """The target of ``revision`` if it gets a share of this route's traffic (weight > 0)."""
+        return self._weighted_by_name.get(revision)
 
     def target_named(self, revision: str) -> BoundTarget | None:
         for target in self.targets:

@@ -18,8 +18,10 @@ from clearway.exceptions import SpecError
 from clearway.spec.ids import check_name
 from clearway.spec.model import (
     AppSpec,
+    CanaryPolicy,
     Interface,
     ServiceSpec,
+    SmokeCheck,
     SourceLocation,
     WorkerSpec,
 )
@@ -61,15 +63,30 @@ class App:
     ... def web(): ...
     """
 
-    def __init__(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        canary: CanaryPolicy | Mapping[str, Any] | None = None,
+    ) -> None:
         self._location = _caller(1)
+        where = str(self._location) if self._location else None
         try:
             check_name(name, "app name")
         except ValueError as exc:
-            raise SpecError(str(exc), location=str(self._location) if self._location else None) from None
+            raise SpecError(str(exc), location=where) from None
+        try:
+            policy = canary if isinstance(canary, CanaryPolicy) else CanaryPolicy.model_validate(dict(canary or {}))
+        except ValidationError as exc:
+            raise SpecError(f"canary: {describe_validation_error(exc)}", location=where) from None
         self.name = name
         self.env = dict(env or {})
+        #: How a production revision goes out (``clearway deploy --canary``, ``git push``).
+        self.canary = policy
         self.components: dict[str, Component] = {}
+        #: Smoke checks by name: run against a canary before it gets traffic.
+        self.smoke_checks: dict[str, tuple[SmokeCheck, Callable[..., Any]]] = {}
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, components={list(self.components)})"
@@ -161,6 +178,26 @@ class App:
 
         return record
 
+    def smoke_check(self, func: F) -> F:
+        """Declare a smoke check: ``func(http)`` runs against a canary before it gets
+        any traffic, and a failure (any exception, e.g. a failed ``assert``) rolls it back.
+
+        ``http.get(path)`` / ``http.post(path, json=...)`` reach the canary revision
+        alone through the gateway and return a response with ``status``,
+        ``headers``, ``text`` and ``json()``.
+        """
+        location = _caller(1)
+        if not callable(func):
+            raise SpecError("@app.smoke_check must decorate a function", location=str(location) if location else None)
+        name = func.__name__
+        if name in self.smoke_checks:
+            raise SpecError(
+                f"a smoke check named {name!r} is already declared: rename the function",
+                location=str(location) if location else None,
+            )
+        self.smoke_checks[name] = (SmokeCheck(name=name, source=location), func)
+        return func
+
     def _record(
         self,
         model: type[ServiceSpec] | type[WorkerSpec],
@@ -193,6 +230,8 @@ class App:
                 name=self.name,
                 env=self.env,
                 components=[c.spec for c in self.components.values()],
+                canary=self.canary,
+                smoke_checks=[check for check, _ in self.smoke_checks.values()],
             )
         except ValidationError as exc:
             raise SpecError(

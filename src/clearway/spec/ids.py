@@ -20,6 +20,7 @@ trailing newline (``App("name\\n")`` used to pass and then broke the CLI).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import NewType
 
@@ -29,8 +30,10 @@ __all__ = [
     "ComponentName",
     "ReplicaId",
     "RevisionId",
+    "branch_label",
     "check_env_name",
     "check_name",
+    "commit_label",
     "parse_replica_id",
     "replica_id",
     "revision_id",
@@ -65,6 +68,36 @@ def check_env_name(value: object) -> str:
             "not starting with a digit"
         )
     return value
+
+
+def branch_label(branch: str) -> str:
+    """The DNS label a preview of ``branch`` is served under (``<label>.<app>.<domain>``).
+
+    Lowercase letters, digits and ``-``, at most 40 characters. When that loses
+    anything (``feature/x`` and ``feature-x`` would both be ``feature-x``), a
+    six-digit hash of the real name is appended, so two branches never share a
+    host. A label never looks like a commit label (seven hex digits): those
+    would be ambiguous with ``<sha7>.<app>``; one that would gets the hash too.
+    """
+    label = re.sub(r"[^a-z0-9]+", "-", branch.lower()).strip("-")
+    lossy = label != branch or len(label) > 40 or not label or not label[0].isalpha() or _COMMIT.fullmatch(label)
+    if lossy:
+        digest = hashlib.sha256(branch.encode()).hexdigest()[:6]
+        label = (label[:33].strip("-") or "branch") + "-" + digest
+        if not label[0].isalpha():
+            label = "b-" + label[: 40 - 2]
+    return label
+
+
+def commit_label(sha: str) -> str:
+    """The DNS label of a commit's preview: its first seven hex digits."""
+    if not re.fullmatch(r"[0-9a-f]{7,64}", sha):
+        raise ValueError(f"{sha!r} is not a commit id (hex digits)")
+    return sha[:7]
+
+
+#: Seven lowercase hex digits: the shape of a commit label.
+_COMMIT = re.compile(r"[0-9a-f]{7}")
 
 
 def revision_id(app: str, number: int) -> RevisionId:

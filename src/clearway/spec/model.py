@@ -11,6 +11,7 @@ and object names on Kubernetes later.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -128,6 +129,56 @@ class WorkerSpec(_Component):
 ComponentSpec = Annotated[ServiceSpec | WorkerSpec, Field(discriminator="kind")]
 
 
+class CanaryPolicy(_Strict):
+    """How a new production revision goes out (``control.rollouts``): traffic in
+    steps, each held until the gateway's metrics say the canary is no worse than
+    the stable revision.
+
+    The defaults follow what canary tools converge on (Flagger, Argo Rollouts):
+    a few percent first, so a bad revision hurts few requests; a minimum time
+    *and* a minimum number of requests per step, because a verdict on too
+    little data is a guess. Errors are judged as an increase over the stable
+    revision (a flaky upstream is not the canary's fault); latency as a ratio
+    plus a slack, which absorbs noise and the histogram's bucket widths.
+    """
+
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(default_factory=lambda: [5, 25, 50, 100])
+    """Percent of the app's requests the canary gets, step by step; the last is 100."""
+    min_duration: Annotated[float, Field(ge=0, le=86_400)] = 30.0
+    """Seconds each step lasts at least."""
+    min_requests: Annotated[int, Field(ge=1, le=10_000_000)] = 20
+    """Requests the canary must answer in a step before the step can pass."""
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    """How much higher than the stable revision's the canary's 5xx share may be."""
+    max_latency_ratio: Annotated[float, Field(ge=1, le=1000)] = 1.5
+    """The canary's p99 may be at most this times the stable revision's p99 ..."""
+    latency_slack: Annotated[float, Field(ge=0, le=3600)] = 0.05
+    """... plus this many seconds."""
+    max_p99: Annotated[float, Field(gt=0, le=3600)] | None = None
+    """An absolute bound on the canary's p99 in seconds (also when the stable has no data)."""
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int]) -> list[int]:
+        if not value or value[-1] != 100:
+            raise ValueError("canary steps must end at 100 (percent of traffic), e.g. [5, 25, 50, 100]")
+        if any(b <= a for a, b in pairwise(value)):
+            raise ValueError(f"canary steps {value} must increase, e.g. [5, 25, 50, 100]")
+        return value
+
+    @property
+    def minimum_seconds(self) -> float:
+        """The least time a rollout under this policy takes to promote (the last step promotes at once)."""
+        return self.min_duration * (len(self.steps) - 1)
+
+
+class SmokeCheck(_Strict):
+    """A function of the app run against a canary before it gets any traffic (``@app.smoke_check``)."""
+
+    name: str
+    source: SourceLocation | None = None
+
+
 class AppSpec(_Strict):
     """The whole app: what to run, never where or how."""
 
@@ -136,6 +187,8 @@ class AppSpec(_Strict):
     name: str
     env: dict[str, str] = Field(default_factory=dict)
     components: list[ComponentSpec] = Field(default_factory=list)
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+    smoke_checks: list[SmokeCheck] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod

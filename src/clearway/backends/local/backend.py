@@ -42,6 +42,7 @@ from clearway.backends.base import (
     DesiredState,
     ReplicaInfo,
     RevisionObservation,
+    TrafficSample,
     Workload,
 )
 from clearway.backends.local.artifacts import ArtifactStore
@@ -57,6 +58,7 @@ from clearway.runtime import (
     rotate_log,
     tail_log,
 )
+from clearway.spec.ids import branch_label, commit_label
 from clearway.spec.ids import replica_id as make_replica_id
 from clearway.spec.model import AppSpec, ServiceSpec
 
@@ -363,7 +365,9 @@ class LocalBackend:
 
     def _build_routes(self, desired: DesiredState) -> list[dict[str, Any]]:
         routes: dict[tuple[str, str], dict[str, Any]] = {}
-        for app, targets in sorted(desired.traffic.items()):
+        hosts = [(app, app, targets) for app, targets in sorted(desired.traffic.items())]
+        hosts += [(a.app, f"{a.label}.{a.app}", a.targets) for a in desired.aliases]
+        for app, host, targets in hosts:
             for target in targets:
                 workload = self._workloads.get(target.revision)
                 if workload is None:
@@ -372,10 +376,10 @@ class LocalBackend:
                     if not service.public:
                         continue
                     route = routes.setdefault(
-                        (app, service.path),
+                        (host, service.path),
                         {
                             "app": app,
-                            "host": app,
+                            "host": host,
                             "prefix": service.path,
                             "strip_prefix": False,
                             "timeout": service.timeout,
@@ -532,13 +536,19 @@ class LocalBackend:
             )
         return infos
 
-    def urls(self, spec: AppSpec) -> list[str]:
+    def urls(self, spec: AppSpec, *, branch: str | None = None, commit: str | None = None) -> list[str]:
         port = "" if self.config.gateway_port == 80 else f":{self.config.gateway_port}"
+        if branch is None and commit is None:
+            hosts = [spec.name]
+        else:
+            hosts = [f"{branch_label(branch)}.{spec.name}"] if branch is not None else []
+            hosts += [f"{commit_label(commit)}.{spec.name}"] if commit is not None else []
         urls = []
-        for service in spec.services:
-            if service.public:
-                path = service.path if service.path.endswith("/") else service.path + "/"
-                urls.append(f"http://{spec.name}.{self.config.domains[0]}{port}{path}")
+        for host in hosts:
+            for service in spec.services:
+                if service.public:
+                    path = service.path if service.path.endswith("/") else service.path + "/"
+                    urls.append(f"http://{host}.{self.config.domains[0]}{port}{path}")
         return urls
 
     async def logs(
@@ -580,6 +590,10 @@ class LocalBackend:
 
     async def metrics(self) -> str:
         return await self.gateway.metrics()
+
+    async def traffic(self) -> Mapping[str, TrafficSample]:
+        """The gateway's request counters per revision (for the canary analysis); {} if it does not answer."""
+        return await self.gateway.stats()
 
 
 def _allow_rule(entry: str) -> dict[str, str | None]:

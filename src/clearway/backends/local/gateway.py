@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -26,11 +27,14 @@ from typing import Any
 
 import httpx
 
+from clearway.backends.base import TrafficSample
 from clearway.exceptions import RuntimeStartError
 from clearway.runtime.process import ProcessWatch, is_alive, read_start_time
 
 #: How long a fresh gateway may take to answer on its admin socket.
 START_TIMEOUT = 20.0
+
+log = logging.getLogger("clearway.backends.local")
 
 
 class GatewayProcess:
@@ -206,6 +210,30 @@ class GatewayProcess:
             return f"# the gateway did not answer: {exc}\n"
         return response.text
 
+    async def stats(self) -> dict[str, TrafficSample]:
+        """The gateway's request counters per revision (``GET /stats``); {} if it does not answer.
+
+        A revision's routes (public, ``/_services``, ``/_apps``) are summed:
+        the canary analysis judges the revision, whichever way it was called.
+        """
+        try:
+            response = await self._client.get("/stats")
+            response.raise_for_status()
+            data = response.json()
+            bounds = tuple(float(b) for b in data["bounds"])
+            samples: dict[str, TrafficSample] = {}
+            for entry in data["revisions"]:
+                revision = entry["revision"]
+                if not isinstance(revision, str) or not revision:
+                    continue  # requests for an app with no revision to send them to
+                sample = TrafficSample.from_json({**entry, "bounds": bounds})
+                earlier = samples.get(revision)
+                samples[revision] = sample if earlier is None else _sum(earlier, sample)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("cannot read the gateway's traffic statistics: %s", exc)
+            return {}
+        return samples
+
     async def stop(self) -> None:
         pid = self.pid
         if pid is None:
@@ -228,3 +256,9 @@ class GatewayProcess:
         if self._exit is not None:
             self._exit.close()
         await self._client.aclose()
+
+
+def _sum(a: TrafficSample, b: TrafficSample) -> TrafficSample:
+    c1, c2, c3, c4, c5 = (x + y for x, y in zip(a.by_class, b.by_class, strict=True))
+    buckets = tuple(x + y for x, y in zip(a.buckets, b.buckets, strict=True))
+    return TrafficSample((c1, c2, c3, c4, c5), buckets, a.bounds)

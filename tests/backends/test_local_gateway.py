@@ -1,0 +1,52 @@
+"""The local backend's view of its gateway process: traffic counters over the admin socket."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clearway.backends.local.gateway import GatewayProcess
+
+from ..gateway.conftest import route, table
+from ..gateway.replica import Replica, run_replica, socket_dir
+from ..gateway.test_cli import free_port
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[GatewayProcess]:
+    home = Path(socket_dir())  # the admin socket's path must fit in sun_path
+    process = GatewayProcess(home, host="127.0.0.1", port=free_port())
+    try:
+        yield process
+    finally:
+        await process.stop()
+        await process.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.timeout(30)
+async def test_stats_are_the_gateways_counters_per_revision(gateway: GatewayProcess) -> None:
+    assert await gateway.stats() == {}  # not running: no counters, no exception
+
+    replica: Replica
+    async with run_replica("r1") as replica:
+        routes = table(
+            route("hello", [replica.address]),
+            # The same revision on a second route (as /_services routes are): its counts add up.
+            route("hello", [replica.address], host="alias"),
+        )
+        await gateway.start_or_adopt(routes.to_json())
+        async with httpx.AsyncClient(timeout=10) as client:
+            for host, path in [("hello", "/"), ("hello", "/status/500"), ("alias", "/status/404")]:
+                await client.get(f"http://127.0.0.1:{gateway.port}{path}", headers={"host": f"{host}.localhost"})
+
+        stats = await gateway.stats()
+    assert list(stats) == ["hello-1"]
+    sample = stats["hello-1"]
+    assert (sample.by_class, sample.total, sample.errors) == ((0, 1, 0, 1, 1), 3, 1)
+    assert sum(sample.buckets) == 3 and len(sample.buckets) == len(sample.bounds) + 1
+    assert sample.bounds[0] == 0.001 and sample.bounds[-1] == 60.0
