@@ -13,11 +13,21 @@ EXPECTED = {
     "AuthenticationError",
     "CanaryPolicy",
     "ClearwayError",
+    "CloudEvent",
     "Component",
     "ControlPlaneError",
+    "Cron",
     "DeployError",
+    "Every",
+    "Function",
+    "FunctionError",
+    "FunctionSpec",
+    "Job",
     "NotRunningError",
+    "Request",
+    "Response",
     "RuntimeStartError",
+    "ScheduleSpec",
     "ServiceSpec",
     "SpecError",
     "WorkerSpec",
@@ -35,7 +45,12 @@ def test_exported_members_are_exactly_the_public_api() -> None:
 
 def test_every_exported_exception_is_a_clearway_error() -> None:
     # Every exported exception derives from the one base class users catch.
-    for name in EXPECTED - {"App", "AppSpec", "CanaryPolicy", "Component", "ServiceSpec", "WorkerSpec", "__version__", "identity_headers", "service_url"}:
+    not_exceptions = {
+        "App", "AppSpec", "CanaryPolicy", "CloudEvent", "Component", "Cron", "Every", "Function", "FunctionSpec",
+        "Job", "Request", "Response", "ScheduleSpec", "ServiceSpec", "WorkerSpec", "__version__",
+        "identity_headers", "service_url",
+    }
+    for name in EXPECTED - not_exceptions:
         assert issubclass(getattr(clearway, name), clearway.ClearwayError), name
 
 
@@ -45,8 +60,8 @@ def test_importing_clearway_starts_nothing_heavy() -> None:
 
     code = (
         "import sys, clearway; "
-        "heavy = [m for m in ('fastapi', 'uvicorn', 'httptools', 'clearway.control', 'clearway.runtime', "
-        "'clearway.gateway') if m in sys.modules]; print(','.join(heavy))"
+        "heavy = [m for m in ('fastapi', 'uvicorn', 'httptools', 'cloudevents', 'clearway.control', "
+        "'clearway.runtime', 'clearway.gateway') if m in sys.modules]; print(','.join(heavy))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == ""

@@ -6,10 +6,13 @@ keeps it honest). Layers, from the top (``.importlinter`` enforces them):
     cli  ->  control  ->  backends  ->  runtime | gateway  ->  sdk  ->  spec
 
 Importing ``clearway`` imports only the SDK and the spec model: importing a
-user's app must never start anything.
+user's app must never start anything. ``CloudEvent`` (the ``cloudevents`` SDK's
+class) is imported on first use.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from clearway.exceptions import (
     APIError,
@@ -18,12 +21,27 @@ from clearway.exceptions import (
     ClearwayError,
     ControlPlaneError,
     DeployError,
+    FunctionError,
     NotRunningError,
     RuntimeStartError,
     SpecError,
 )
-from clearway.sdk import App, Component, identity_headers, service_url
-from clearway.spec import AppSpec, CanaryPolicy, ServiceSpec, WorkerSpec
+from clearway.sdk import (
+    App,
+    Component,
+    Cron,
+    Every,
+    Function,
+    Job,
+    Request,
+    Response,
+    identity_headers,
+    service_url,
+)
+from clearway.spec import AppSpec, CanaryPolicy, FunctionSpec, ScheduleSpec, ServiceSpec, WorkerSpec
+
+if TYPE_CHECKING:
+    from cloudevents.v1.http import CloudEvent
 
 __version__ = "0.1.0"
 
@@ -35,11 +53,21 @@ __all__ = [
     "AuthenticationError",
     "CanaryPolicy",
     "ClearwayError",
+    "CloudEvent",
     "Component",
     "ControlPlaneError",
+    "Cron",
     "DeployError",
+    "Every",
+    "Function",
+    "FunctionError",
+    "FunctionSpec",
+    "Job",
     "NotRunningError",
+    "Request",
+    "Response",
     "RuntimeStartError",
+    "ScheduleSpec",
     "ServiceSpec",
     "SpecError",
     "WorkerSpec",
@@ -47,3 +75,11 @@ __all__ = [
     "identity_headers",
     "service_url",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CloudEvent":
+        from cloudevents.v1.http import CloudEvent
+
+        return CloudEvent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

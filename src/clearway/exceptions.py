@@ -12,6 +12,7 @@ about it, because the person reading it is usually a developer at a terminal.
     │   └── APIError              the API refused a request (carries status + body)
     ├── DeployError               a revision failed to build, import, start or become ready
     ├── RuntimeStartError         a replica or the gateway could not be started
+    ├── FunctionError             a function called through the platform failed (status + error id)
     ├── StorageFull               the disk holding the state is full (control.faults; API 507)
     └── StateIntegrityError       state.db is damaged or lost commits (control.faults; refused at start)
 
@@ -27,6 +28,7 @@ __all__ = [
     "ClearwayError",
     "ControlPlaneError",
     "DeployError",
+    "FunctionError",
     "NotRunningError",
     "RuntimeStartError",
     "SpecError",
@@ -95,3 +97,22 @@ class DeployError(ClearwayError):
 
 class RuntimeStartError(ClearwayError):
     """A replica or the gateway could not be started (bad port, missing binary, ...)."""
+
+
+class FunctionError(ClearwayError):
+    """A function called through the platform failed: ``.remote()``, ``.spawn()``, ``Job.result()``.
+
+    ``status`` is the HTTP status of the answer (422: the arguments do not fit the
+    function's signature; 500: it raised; 504: it ran past its timeout), None when
+    no answer came. ``error_id`` names the failure in the function's logs, where
+    its traceback is (``clearway logs APP | grep <error_id>``).
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, error_id: str | None = None, details: str | None = None
+    ) -> None:
+        self.message = message
+        self.status = status
+        self.error_id = error_id
+        self.details = details
+        super().__init__(message if not details else f"{message}\n{details}")

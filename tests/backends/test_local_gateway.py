@@ -1,14 +1,16 @@
-"""The local backend's view of its gateway process: traffic counters over the admin socket."""
+"""The local backend's view of its gateway process: traffic counters and load over the admin socket."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from clearway.backends.base import ComponentLoad
 from clearway.backends.local.gateway import GatewayProcess
 
 from ..gateway.conftest import route, table
@@ -31,22 +33,45 @@ async def gateway() -> AsyncIterator[GatewayProcess]:
 @pytest.mark.timeout(30)
 async def test_stats_are_the_gateways_counters_per_revision(gateway: GatewayProcess) -> None:
     assert await gateway.stats() == {}  # not running: no counters, no exception
+    assert await gateway.load() == []
 
     replica: Replica
     async with run_replica("r1") as replica:
         routes = table(
             route("hello", [replica.address]),
-            # The same revision on a second route (as /_services routes are): its counts add up.
-            route("hello", [replica.address], host="alias"),
+            # The same revision on a second route (as /_services routes are), counted for
+            # one of its components: per revision, its counts add up.
+            route("hello", [replica.address], host="alias", component="resize"),
+            route("nothing", [], host="nothing", targets=[]),  # no revision to send requests to
         )
         await gateway.start_or_adopt(routes.to_json())
         async with httpx.AsyncClient(timeout=10) as client:
-            for host, path in [("hello", "/"), ("hello", "/status/500"), ("alias", "/status/404")]:
+            for host, path in [("hello", "/"), ("hello", "/status/500"), ("alias", "/status/404"), ("nothing", "/")]:
                 await client.get(f"http://127.0.0.1:{gateway.port}{path}", headers={"host": f"{host}.localhost"})
 
         stats = await gateway.stats()
+        load = await gateway.load()
     assert list(stats) == ["hello-1"]
     sample = stats["hello-1"]
     assert (sample.by_class, sample.total, sample.errors) == ((0, 1, 0, 1, 1), 3, 1)
     assert sum(sample.buckets) == 3 and len(sample.buckets) == len(sample.bounds) + 1
     assert sample.bounds[0] == 0.001 and sample.bounds[-1] == 60.0
+    assert sorted(load, key=lambda entry: entry.component) == [
+        ComponentLoad("hello", "hello-1", "", in_flight=0, held=0, requests=2),
+        ComponentLoad("hello", "hello-1", "resize", in_flight=0, held=0, requests=1),
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"app": "a", "revision": "a-1", "component": "f", "in_flight": 0, "held": 0},
+        {"app": "a", "revision": "a-1", "component": None, "in_flight": 0, "held": 0, "requests": 0},
+        {"app": "a", "revision": "a-1", "component": "f", "in_flight": -1, "held": 0, "requests": 0},
+        {"app": "a", "revision": "a-1", "component": "f", "in_flight": 0, "held": True, "requests": 0},
+        ["a", "a-1"],
+    ],
+)
+def test_a_load_entry_is_read_strictly(entry: Any) -> None:
+    with pytest.raises(ValueError):
+        ComponentLoad.from_json(entry)

@@ -272,3 +272,67 @@ def test_one_app_shows_its_rollout_previews_revisions_builds_and_history() -> No
         ("4", "main", "0123456", "deployed"),
     ], lines
     assert any(line.startswith(clock(T0 + 1)) and line.endswith("rollout of shop-4 started") for line in lines), lines
+
+
+# -- functions and invocations --------------------------------------------------------
+def test_triggers_read_like_the_decorator() -> None:
+    assert render.triggers_text({"http": "/resize", "events": [], "schedule": None}) == "http /resize"
+    assert (
+        render.triggers_text({"http": None, "events": ["a.b", "c.d"], "schedule": {"cron": "*/5 * * * *"}})
+        == "events a.b, c.d, cron */5 * * * * (UTC)"
+    )
+    assert render.triggers_text({"http": None, "events": [], "schedule": {"every": 90.0}}) == "every 1m30s"
+    assert render.triggers_text({"http": None, "events": [], "schedule": None}) == "spawn and internal calls only"
+
+
+def test_the_functions_table_shows_replicas_invocations_and_the_next_run() -> None:
+    view = {
+        "app": "shop",
+        "revision": "shop-2",
+        "functions": [
+            {
+                "name": "report",
+                "triggers": {"http": None, "events": [], "schedule": {"every": 60.0}},
+                "next_fire": T0 + 42,
+                "min_replicas": 0,
+                "max_replicas": 10,
+                "desired": 1,
+                "ready": 1,
+                "invocations": {"queued": 2, "running": 1, "succeeded": 7, "dead": 3},
+                "scaling": {
+                    "replicas": 1,
+                    "in_flight": 4,
+                    "held": 0,
+                    "decisions": [{"at": T0, "from": 0, "to": 1, "reason": "cold"}],
+                },
+            }
+        ],
+    }
+    lines = text(render.functions_table([view], now=T0)).splitlines()
+    assert rows_after("FUNCTION", lines, 1) == [
+        ["shop", "report", "1/1", "(min", "0,", "max", "10)", "4", "2", "1", "3", "in", "42s", "every", "1m",
+         "0", "→", "1:", "cold"]
+    ]
+
+
+def test_invocations_show_their_attempts_and_first_error_line() -> None:
+    dead = {
+        "id": "abc",
+        "app": "shop",
+        "function": "resize",
+        "kind": "spawn",
+        "state": "dead",
+        "attempts": 4,
+        "max_attempts": 4,
+        "created_at": T0,
+        "finished_at": T0 + 30,
+        "error": "500 Internal Server Error: boom (gave up after 4 attempts)\nmore",
+        "idempotency_key": "k",
+        "payload": {"width": 3},
+        "result": None,
+    }
+    lines = text(render.invocations_table([dead])).splitlines()
+    assert rows_after("ATTEMPTS", lines, 1)[0][:5] == ["abc", "resize", "spawn", "dead", "4/4"]
+    assert lines[1].endswith("500 Internal Server Error: boom (gave up after 4 attempts)")
+    shown = text(render.invocation_detail(dead, now=T0 + 60))
+    assert "attempts    4 of 4" in shown and '{"width": 3}' in shown and "gave up after 4 attempts" in shown

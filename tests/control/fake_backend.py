@@ -2,8 +2,8 @@
 
 It records what the control plane asks for and answers with what the test set:
 readiness per revision, whether the data plane confirms (`converged`),
-which incarnation each replica runs with, and the gateway's traffic counters
-(`samples`). `split(app)` is the last traffic split the control plane applied.
+which incarnation each replica runs with, the gateway's traffic counters
+(`samples`) and its load per component (`loads`). `split(app)` is the last traffic split the control plane applied.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from clearway.backends.base import (
+    ComponentLoad,
     ComponentObservation,
     DesiredState,
     ReplicaInfo,
@@ -32,6 +33,8 @@ class FakeBackend:
     incarnations: dict[str, str] = field(default_factory=dict)
     #: What `traffic` answers: the gateway's counters per revision, as the test sets them.
     samples: dict[str, TrafficSample] = field(default_factory=dict)
+    #: What `load` answers: the gateway's load per (app, revision, component), as the test sets it.
+    loads: list[ComponentLoad] = field(default_factory=list)
 
     async def start(self) -> None:
         pass
@@ -82,6 +85,9 @@ class FakeBackend:
 
     async def traffic(self) -> Mapping[str, TrafficSample]:
         return dict(self.samples)
+
+    async def load(self) -> list[ComponentLoad]:
+        return list(self.loads)
 
     def split(self, app: str) -> dict[str, int]:
         """The last applied traffic split of ``app``."""

@@ -12,6 +12,7 @@ import pytest
 
 from clearway.control.credentials import (
     PIN_AUDIENCE,
+    PLATFORM_AUDIENCE,
     REPLICA_AUDIENCE,
     SigningKey,
 )
@@ -93,3 +94,15 @@ def test_a_key_file_that_is_not_ed25519_is_reported(tmp_path: Path, content: byt
     (tmp_path / "signing.pem").write_bytes(content)
     with pytest.raises(ValueError):
         SigningKey.load_or_create(tmp_path)
+
+
+def test_a_platform_token_is_short_lived_and_no_other_kind(tmp_path: Path) -> None:
+    key = SigningKey.load_or_create(tmp_path)
+    issued = key.mint_platform_token()
+    public = (tmp_path / "signing.pub.pem").read_bytes()
+    claims = jwt.decode(issued.token, public, algorithms=["EdDSA"], audience=PLATFORM_AUDIENCE)
+    assert (claims["iss"], claims["sub"], claims["jti"] != "") == ("clearway", "control-plane", True)
+    assert claims["exp"] - claims["iat"] == 300 and claims["exp"] == issued.expires_at
+    assert key.mint_platform_token(ttl=30).expires_at <= time.time() + 31
+    assert key.read_replica_token(issued.token) is None
+    assert key.read_pin_token(issued.token) is None

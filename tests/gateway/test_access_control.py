@@ -141,8 +141,8 @@ async def test_another_apps_replica_gets_403_and_is_counted(
     assert "other/other-1/web (replica other-1.web.0) may not call app 'shop'" in r.text
     assert replica.control.requests == []  # nothing reached the service
     metrics = await gateway.metrics()
-    assert 'clearway_gateway_denied_total{app="shop",reason="not-allowed",revision="shop-1"} 1.0' in metrics
-    assert 'clearway_gateway_requests_total{app="shop",code="4xx",revision="shop-1"} 1.0' in metrics
+    assert 'clearway_gateway_denied_total{app="shop",component="",reason="not-allowed",revision="shop-1"} 1.0' in metrics
+    assert 'clearway_gateway_requests_total{app="shop",code="4xx",component="",revision="shop-1"} 1.0' in metrics
 
 
 @pytest.mark.timeout(30)
@@ -175,7 +175,7 @@ async def test_no_valid_credential_gets_401(
     assert r.headers["www-authenticate"] == 'Bearer realm="clearway"'
     assert replica.control.requests == []
     metrics = await gateway.metrics()
-    assert f'clearway_gateway_denied_total{{app="shop",reason="{reason}",revision="shop-1"}} 1.0' in metrics
+    assert f'clearway_gateway_denied_total{{app="shop",component="",reason="{reason}",revision="shop-1"}} 1.0' in metrics
 
 
 @pytest.mark.timeout(30)
@@ -210,8 +210,8 @@ async def test_pin_needs_a_pin_token_for_that_revision(
     assert r.status_code == 200 and r.json()["replica"] == "r2"
     assert not {"x-clearway-revision", "x-clearway-pin-token"} & set(forwarded(r))
     metrics = await gateway.metrics()
-    assert 'clearway_gateway_denied_total{app="hello",reason="pin-without-token",revision="hello-2"} 1.0' in metrics
-    assert 'clearway_gateway_denied_total{app="hello",reason="pin-token-mismatch",revision="hello-2"} 1.0' in metrics
+    assert 'clearway_gateway_denied_total{app="hello",component="",reason="pin-without-token",revision="hello-2"} 1.0' in metrics
+    assert 'clearway_gateway_denied_total{app="hello",component="",reason="pin-token-mismatch",revision="hello-2"} 1.0' in metrics
 
 
 @pytest.mark.timeout(30)
@@ -246,3 +246,39 @@ async def test_duplicate_host_or_trust_headers_get_400(
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"more than one" in answer and b"Send exactly one" in answer
     assert replica.control.requests == []
+
+
+@pytest.mark.timeout(30)
+async def test_the_platform_passes_every_rule_of_an_internal_route(
+    gateway: GatewayProcess, issuer: TokenIssuer, client: httpx.AsyncClient, replica: Replica, replica2: Replica
+) -> None:
+    """The control plane delivers durable invocations through the gateway with a platform token."""
+    closed = routes(replica, replica2, replica, generation=2)
+    closed["routes"][1]["allow"] = []  # no replica may call it
+    await gateway.reload(closed)
+    assert (await call(gateway, client, issuer.replica("shop-1.web.0", "inc-a"))).status_code == 403
+    token = issuer.platform()
+    r = await call(gateway, client, token, **{"x-clearway-caller": "shop/shop-1/web"})
+    assert r.status_code == 200, r.text
+    headers = forwarded(r)
+    assert headers["x-clearway-caller"] == "platform"  # ours, not the client's
+    assert "x-clearway-identity" not in headers and token not in json.dumps(r.json())
+    for bad, says in ((TokenIssuer().platform(), "not valid"), (issuer.platform(lifetime=-60), "has expired")):
+        r = await call(gateway, client, bad)
+        assert r.status_code == 401 and says in r.text
+    assert replica.control.requests == ["GET /discount"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_platform_token_grants_nothing_on_public_routes(
+    gateway: GatewayProcess, issuer: TokenIssuer, client: httpx.AsyncClient, replica2: Replica
+) -> None:
+    token = issuer.platform()
+    r = await client.get(f"{gateway.url}/echo", headers={"host": "hello.localhost", "x-clearway-identity": token})
+    assert r.status_code == 200 and r.json()["replica"] == "r1"
+    assert not {"x-clearway-caller", "x-clearway-identity"} & set(forwarded(r))
+    pin = {"host": "hello.localhost", "x-clearway-revision": "hello-2"}
+    for credential in ({"x-clearway-identity": token}, {"x-clearway-pin-token": token}):
+        r = await client.get(f"{gateway.url}/echo", headers={**pin, **credential})
+        assert r.status_code == 403 and "pin" in r.text
+    assert replica2.control.requests == []  # the weight-0 canary stays closed

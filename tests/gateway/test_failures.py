@@ -115,4 +115,4 @@ async def test_client_disconnecting_mid_body_harms_nobody(
     await replica.control.disconnected.wait()  # the replica saw its request end early
     r = await client.get(f"{gw.url}/echo", headers=HOST)
     assert r.status_code == 200
-    assert b'clearway_gateway_requests_total{app="hello",code="4xx",revision="hello-1"} 1.0' in gw.metrics_text()
+    assert b'clearway_gateway_requests_total{app="hello",code="4xx",component="",revision="hello-1"} 1.0' in gw.metrics_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from clearway.control.credentials import SigningKey
 from clearway.gateway import AllowRule, GatewaySettings, RoutesError, RouteTable
 from clearway.gateway._identity import (
     Caller,
@@ -89,6 +90,48 @@ def test_refused_callers(
     assert (decision.status, decision.reason) == (status, reason)
     if reason == "not-allowed":
         assert "other/other-1/web (replica other-1.web.0) may not call app 'shop' at 127.0.0.1/x" in decision.message
+
+
+def test_the_platform_passes_every_allow_rule(issuer: TokenIssuer, verifier: IdentityVerifier) -> None:
+    token = issuer.platform().encode()
+    for allow in (ALLOW, (), (AllowRule("other", None, None),)):
+        caller = check_caller(verifier, token, allow, "app 'shop'")
+        assert isinstance(caller, Caller) and caller.platform and caller.header == b"platform"
+        assert caller.describe() == "the platform (control plane)"
+    verifier.set_identities({})  # not in the identities table: only its expiry ends it
+    assert verifier.caller(token) is caller
+
+
+@pytest.mark.parametrize(
+    ("mint", "reason"),
+    [
+        (lambda i: TokenIssuer().platform(), "invalid"),  # another key
+        (lambda i: i.platform(lifetime=-60), "expired"),
+        (lambda i: i.platform(sub="shop-1.web.0"), "invalid"),  # the audience alone makes no platform
+        (lambda i: i.platform(aud=["clearway:platform", "clearway:replica"]), "invalid"),
+        (lambda i: i.platform(iss="someone"), "invalid"),
+    ],
+)
+def test_refused_platform_tokens(
+    issuer: TokenIssuer, verifier: IdentityVerifier, mint: Callable[[TokenIssuer], str], reason: str
+) -> None:
+    decision = check_caller(verifier, mint(issuer).encode(), ALLOW, "app 'shop'")
+    assert isinstance(decision, Denial) and (decision.status, decision.reason) == (401, reason)
+
+
+def test_the_platform_token_is_no_pin_token(issuer: TokenIssuer, verifier: IdentityVerifier) -> None:
+    denial = check_pin(verifier, issuer.platform().encode(), "shop", "shop-2")
+    assert denial is not None and (denial.status, denial.reason) == (403, "pin-token-invalid")
+
+
+def test_the_control_planes_platform_token_is_what_the_gateway_accepts(tmp_path: Path) -> None:
+    signing = SigningKey.load_or_create(tmp_path)
+    verifier = IdentityVerifier(load_public_key(tmp_path / "signing.pub.pem"))
+    issued = signing.mint_platform_token()
+    caller = check_caller(verifier, issued.token.encode(), (), "app 'shop'")
+    assert isinstance(caller, Caller) and caller.platform and caller.expires == issued.expires_at
+    expired = SigningKey.load_or_create(tmp_path, clock=lambda: 1_000.0).mint_platform_token()
+    assert isinstance(denial := verifier.caller(expired.token.encode()), Denial) and denial.reason == "expired"
 
 
 def test_cache_honours_expiry_and_the_identities_table(issuer: TokenIssuer, tmp_path: Path) -> None:

@@ -35,6 +35,15 @@ def test_parses_the_documented_example(tmp_path: Path) -> None:
     (route,) = table.routes
     assert [t.revision for t in route.targets] == ["hello-3", "hello-4"]
     assert route.targets[0].endpoints == ("unix:/run/cw/hello-3.web.0.sock", "127.0.0.1:40124")
+    assert route.component == ""  # not said: counted for the revision as a whole
+    assert RouteTable.from_json(table.to_json()) == table
+
+
+def test_a_route_may_name_its_component() -> None:
+    data = json.loads(json.dumps(EXAMPLE))
+    data["routes"][0]["component"] = "resize"
+    table = RouteTable.from_json(data)
+    assert table.routes[0].component == "resize"
     assert RouteTable.from_json(table.to_json()) == table
 
 
@@ -47,6 +56,8 @@ def test_parses_the_documented_example(tmp_path: Path) -> None:
         ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["x"]}]}]}, "127.0.0.1:40123"),
         ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["unix:rel.sock"]}]}]}, "absolute socket path"),
         ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["unix:/" + "a" * 107]}]}]}, "longer than 107 bytes"),
+        ({"routes": [{"app": "a", "host": "a", "component": 3, "targets": []}]}, r"routes\[0\]\.component must be a string"),
+        ({"routes": [{"app": "a", "host": "a", "component": "web\nx", "targets": []}]}, "must be a component name"),
     ],
 )
 def test_refuses_bad_tables_with_a_clear_error(patch: dict[str, object], message: str) -> None:

@@ -156,7 +156,7 @@ async def test_held_request_is_released_by_a_reload(
     gw = await start_gateway(table(route("cold", [])), admin=True)
     pending = asyncio.create_task(client.get(f"{gw.url}/wake", headers={"host": "cold.localhost"}))
     await until(lambda: gw.held() == {"cold-1": 1})
-    assert b'clearway_gateway_held_requests{app="cold",revision="cold-1"} 1.0' in gw.metrics_text()
+    assert b'clearway_gateway_held_requests{app="cold",component="",revision="cold-1"} 1.0' in gw.metrics_text()
     gw.reload(table(route("cold", [replica.address]), generation=2))
     r = await pending
     assert r.status_code == 200 and r.json()["path"] == "/wake"

@@ -75,3 +75,17 @@ class TokenIssuer:
                 "exp": int(now + lifetime),
             }
         )
+
+    def platform(self, *, lifetime: float = 300, **extra: Any) -> str:
+        """A platform token: the control plane's own identity (``SigningKey.mint_platform_token``)."""
+        now = int(time.time())
+        claims = {
+            "iss": "clearway",
+            "aud": "clearway:platform",
+            "sub": "control-plane",
+            "iat": now - 10,
+            "exp": int(now + lifetime),
+            "jti": uuid.uuid4().hex,
+        }
+        claims.update(extra)
+        return self._sign(claims)

@@ -8,7 +8,7 @@ import clearway.runtime
 def test_exported_members() -> None:
     exported = {name for name in dir(clearway.runtime) if not name.startswith("_")}
     modules = {
-        "cgroups", "clock", "exit_codes", "interface", "launcher", "logs",
+        "cgroups", "clock", "exit_codes", "functions", "interface", "launcher", "logs",
         "probes", "process", "restarts", "isolation", "logwriter", "replica", "spec", "status", "supervisor", "annotations",
     }  # fmt: skip
     assert exported - modules == set(clearway.runtime.__all__)

@@ -210,6 +210,40 @@ class TrafficSample:
         return cls((a, b, c, d, e), buckets, bounds)
 
 
+@dataclass(frozen=True)
+class ComponentLoad:
+    """The data plane's load on one component of one revision, for the autoscaler.
+
+    ``in_flight`` and ``held`` are now; ``requests`` counts every request
+    answered since the data plane started (cumulative, like ``TrafficSample``:
+    the autoscaler subtracts two readings, and one that went down means the
+    data plane restarted). ``component`` is "" for requests of routes that
+    name no component.
+    """
+
+    app: str
+    revision: str
+    component: str
+    #: Requests the gateway is answering now, the held ones included (held <= in_flight).
+    in_flight: int
+    #: Requests waiting for a ready replica now (scale from zero acts on them).
+    held: int
+    #: Requests answered so far.
+    requests: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComponentLoad:
+        """An entry of the gateway's ``GET /load`` (raises ValueError on anything else)."""
+        try:
+            app, revision, component = data["app"], data["revision"], data["component"]
+            in_flight, held, requests = data["in_flight"], data["held"], data["requests"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a component load: {exc!r}") from exc
+        if not all(isinstance(v, str) for v in (app, revision, component)):
+            raise ValueError(f"a component load names its app, revision and component: {data!r}")
+        return cls(app, revision, component, _count(in_flight), _count(held), _count(requests))
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"a traffic counter must be a non-negative integer, not {value!r}")
@@ -249,6 +283,9 @@ class Backend(Protocol):
 
     async def traffic(self) -> Mapping[str, TrafficSample]:
         """The data plane's request counters now, per revision id (empty when it cannot tell)."""
+
+    async def load(self) -> list[ComponentLoad]:
+        """The data plane's load now, per (app, revision, component) (empty when it cannot tell)."""
 
     async def close(self, *, stop_workloads: bool) -> None:
         """Stop watching; with ``stop_workloads`` also stop every replica and the gateway."""

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -671,6 +672,215 @@ def webhook(ctx: click.Context, app: str, repository: str | None, as_json: bool)
     table.add_row("Repository", created["repository"] or "the event's own (https only; forks refused)")
     out.print(table)
     err.print("the secret is shown only now: paste it into the webhook's settings on GitHub")
+
+
+# -- functions --------------------------------------------------------------------------
+def _kwargs(data: str | None) -> dict[str, Any]:
+    """``--data``: the keyword arguments, a JSON object."""
+    if data is None:
+        return {}
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON ({exc}); pass an object, as in --data '{{\"width\": 10}}'", param_hint="--data") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("the keyword arguments must be a JSON object, as in --data '{\"width\": 10}'", param_hint="--data")
+    return parsed
+
+
+#: How long ``invoke`` waits for the control plane: the longest function timeout and some.
+_INVOKE_TIMEOUT = 3600.0 + 60.0
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("function")
+@click.option("--data", "-d", metavar="JSON", help="The keyword arguments, a JSON object.")
+@click.option("--async", "spawn", is_flag=True, help="Queue a durable invocation (retried on failure) and print its id.")
+@click.option("--key", metavar="KEY", help="Idempotency key (with --async): one invocation per key, however often sent.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def invoke(ctx: click.Context, app: str, function: str, data: str | None, spawn: bool, key: str | None, as_json: bool) -> None:
+    """Call FUNCTION of APP through the platform and print its answer.
+
+    \b
+    clearway invoke shop resize --data '{"width": 10, "height": 10}'
+    clearway invoke shop report --async --key 2024-06-01
+    """
+    if key is not None and not spawn:
+        raise click.UsageError("--key names a durable invocation: add --async")
+    kwargs = _kwargs(data)
+    client = Client(home_of(ctx), timeout=_INVOKE_TIMEOUT)
+    if spawn:
+        queued = client.request(
+            "POST", f"/v1/apps/{app}/functions/{function}/spawn", json={"kwargs": kwargs, "idempotency_key": key}
+        )
+        if as_json:
+            print_json(queued)
+            return
+        again = "" if queued["created"] else " (already queued with this key)"
+        out.print(f"[green]✓[/] invocation {queued['id']} {queued['state']}{rich_escape(again)}", markup=True)
+        err.print(f"follow it with `clearway invocations show {queued['id']}`")
+        return
+    answer = client.request("POST", f"/v1/apps/{app}/functions/{function}/invoke", json={"kwargs": kwargs})
+    if as_json:
+        print_json(answer)
+    else:
+        body = answer["body"]
+        sys.stdout.write((body if isinstance(body, str) else json.dumps(body, indent=2)).rstrip("\n") + "\n")
+    status = int(answer["status"])
+    if status >= 400:
+        body = answer["body"]
+        message = body.get("error") if isinstance(body, dict) and body.get("error") else f"{function} answered {status}"
+        error_id = body.get("error_id") if isinstance(body, dict) else None
+        where = f" (error id {error_id}: `clearway logs {app} | grep {error_id}` shows the traceback)" if error_id else ""
+        fail(f"{function} answered {status}: {message}{where}")
+
+
+@cli.command()
+@click.argument("app", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON (a list, one entry per app).")
+@click.pass_context
+@run_command
+def functions(ctx: click.Context, app: str | None, as_json: bool) -> None:
+    """Show the functions of every app (or of APP): triggers, replicas, invocations, next scheduled run."""
+    client = client_of(ctx)
+    names = [app] if app else [a["name"] for a in client.request("GET", "/v1/apps")]
+    views = [client.request("GET", f"/v1/apps/{name}/functions") for name in names]
+    if as_json:
+        print_json(views)
+        return
+    if not any(v["functions"] for v in views):
+        which = f"{app} has no" if app else "no app has"
+        out.print(f"{which} functions serving: `@app.function` declares one, `clearway deploy` serves it")
+        return
+    out.print(render.functions_table(views, now=time.time()))
+
+
+@cli.group()
+def events() -> None:
+    """CloudEvents for an app's functions (those whose events= lists the type).
+
+    \b
+    clearway events send shop --type com.example.order.created --data '{"id": 7}'
+
+    Any producer can post CloudEvents (binary, structured or batch mode) to the
+    API's /v1/apps/APP/events with the API token.
+    """
+
+
+@events.command("send")
+@click.argument("app")
+@click.option("--type", "event_type", required=True, help="The event's type (routes it to the functions that receive it).")
+@click.option("--source", default="clearway-cli", show_default=True, help="The event's source (a URI reference).")
+@click.option("--id", "event_id", help="The event's id (default: a new one); source + id name an event once.")
+@click.option("--data", metavar="JSON", help="The event's data: JSON, or else sent as text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def events_send(
+    ctx: click.Context, app: str, event_type: str, source: str, event_id: str | None, data: str | None, as_json: bool
+) -> None:
+    """Post one CloudEvent (structured mode) to APP; each function receiving its type runs durably."""
+    event: dict[str, Any] = {"specversion": "1.0", "id": event_id or uuid.uuid4().hex, "source": source, "type": event_type}
+    if data is not None:
+        try:
+            event["data"] = json.loads(data)
+            event["datacontenttype"] = "application/json"
+        except ValueError:
+            event["data"] = data
+            event["datacontenttype"] = "text/plain"
+    queued = client_of(ctx).request(
+        "POST",
+        f"/v1/apps/{app}/events",
+        content=json.dumps(event).encode(),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    if as_json:
+        print_json(queued)
+        return
+    listed = ", ".join(f"{i['function']} ({i['id']}{'' if i['created'] else ', sent before'})" for i in queued["invocations"])
+    out.print(f"[green]✓[/] event {event['id']} queued for {rich_escape(listed)}", markup=True)
+
+
+class _InvocationsGroup(click.Group):
+    """``clearway invocations APP`` is short for ``clearway invocations list APP``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_InvocationsGroup)
+def invocations() -> None:
+    """Durable invocations (spawned, events, schedules) and the dead-letter list.
+
+    \b
+    clearway invocations APP [--dead]     the newest, or only the dead ones
+    clearway invocations show ID          one, with its payload and result or error
+    clearway invocations retry ID         queue a dead one again, with all its attempts
+    """
+
+
+@invocations.command("list")
+@click.argument("app")
+@click.option("--dead", is_flag=True, help="Only the dead ones (the dead-letter list).")
+@click.option("--state", type=click.Choice(["queued", "running", "succeeded", "dead"]), help="Only those in this state.")
+@click.option("--function", "-f", help="Only this function's.")
+@click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=50, show_default=True, help="How many of the newest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def invocations_list(
+    ctx: click.Context, app: str, dead: bool, state: str | None, function: str | None, limit: int, as_json: bool
+) -> None:
+    """List APP's newest invocations."""
+    if dead and state not in (None, "dead"):
+        raise click.UsageError("--dead is --state dead: give one of them")
+    params: dict[str, Any] = {"limit": limit}
+    if dead or state:
+        params["state"] = "dead" if dead else state
+    if function:
+        params["function"] = function
+    found = client_of(ctx).request("GET", f"/v1/apps/{app}/invocations", params=params)
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        which = "dead invocations" if dead or state == "dead" else "invocations"
+        out.print(f"{app} has no {which}" + (f" of {function}" if function else ""))
+        return
+    out.print(render.invocations_table(found))
+
+
+@invocations.command("show")
+@click.argument("invocation_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def invocations_show(ctx: click.Context, invocation_id: str, as_json: bool) -> None:
+    """Show one invocation: state, attempts, payload, result or error."""
+    found = client_of(ctx).request("GET", f"/v1/invocations/{invocation_id}")
+    if as_json:
+        print_json(found)
+        return
+    out.print(render.invocation_detail(found, now=time.time()))
+
+
+@invocations.command("retry")
+@click.argument("invocation_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the invocation as JSON.")
+@click.pass_context
+@run_command
+def invocations_retry(ctx: click.Context, invocation_id: str, as_json: bool) -> None:
+    """Queue a dead invocation again, with all its attempts."""
+    queued = client_of(ctx).request("POST", f"/v1/invocations/{invocation_id}/retry")
+    if as_json:
+        print_json(queued)
+        return
+    out.print(f"[green]✓[/] invocation {queued['id']} ({rich_escape(queued['function'])}) is queued again", markup=True)
 
 
 @cli.command()

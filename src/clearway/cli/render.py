@@ -12,6 +12,7 @@ CLI still shows an older control plane's answers.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,12 +28,17 @@ __all__ = [
     "apps_table",
     "canary_outcome",
     "format_duration",
+    "functions_table",
+    "invocation_detail",
+    "invocation_state",
+    "invocations_table",
     "phase_text",
     "plan_line",
     "rollout_line",
     "rollout_outcome",
     "rollout_status",
     "steps_line",
+    "triggers_text",
 ]
 
 View = Mapping[str, Any]
@@ -298,3 +304,99 @@ def rollout_status(rollout: View, *, now: float) -> Group:
         timeline.add_row(timestamp(entry["at"]), escape(entry["event"]), escape(entry.get("detail") or ""))
     parts.append(timeline)
     return Group(*parts)
+
+
+# -- functions and invocations ------------------------------------------------------
+_INVOCATION_STYLES = {"queued": "cyan", "running": "yellow", "succeeded": "green", "dead": "red"}
+
+
+def triggers_text(triggers: View) -> str:
+    """``http /resize, events com.x.y, cron */5 * * * *``: how a function gets called."""
+    parts = []
+    if triggers.get("http"):
+        parts.append(f"http {triggers['http']}")
+    if triggers.get("events"):
+        parts.append("events " + ", ".join(triggers["events"]))
+    schedule = triggers.get("schedule") or {}
+    if schedule.get("cron"):
+        parts.append(f"cron {schedule['cron']} (UTC)")
+    elif schedule.get("every") is not None:
+        parts.append(f"every {format_duration(float(schedule['every']))}")
+    return ", ".join(parts) or "spawn and internal calls only"
+
+
+def functions_table(views: Sequence[View], *, now: float) -> Table:
+    """``clearway functions``: one row per function of the apps' serving revisions
+    (``views``: the API's ``GET /v1/apps/{name}/functions`` answers)."""
+    table = Table(
+        "APP", "FUNCTION", "READY", "IN FLIGHT", "QUEUED", "RUNNING", "DEAD", "NEXT RUN", box=None, pad_edge=False
+    )
+    table.add_column("TRIGGERS", overflow="fold")
+    table.add_column("LAST SCALE", overflow="fold")
+    for view in views:
+        for fn in view["functions"]:
+            scaling = fn.get("scaling") or {}
+            decisions = scaling.get("decisions") or []
+            last = decisions[-1] if decisions else None
+            counts = fn.get("invocations") or {}
+            dead = int(counts.get("dead", 0))
+            upcoming = fn.get("next_fire")
+            table.add_row(
+                escape(view["app"]),
+                escape(fn["name"]),
+                f"{fn.get('ready', 0)}/{fn.get('desired', 0)} (min {fn['min_replicas']}, max {fn['max_replicas']})",
+                str(scaling.get("in_flight", 0)),
+                str(counts.get("queued", 0)),
+                str(counts.get("running", 0)),
+                f"[red]{dead}[/]" if dead else "0",
+                f"in {format_duration(max(0.0, upcoming - now))}" if upcoming is not None else "-",
+                escape(triggers_text(fn["triggers"])),
+                escape(f"{last['from']} → {last['to']}: {last['reason']}") if last else "-",
+            )
+    return table
+
+
+def invocation_state(state: str) -> str:
+    style = _INVOCATION_STYLES.get(state)
+    return f"[{style}]{escape(state)}[/]" if style else escape(state)
+
+
+def invocations_table(invocations: Sequence[View]) -> Table:
+    """``clearway invocations APP``: the newest first, with the error of each failure."""
+    table = Table("ID", "FUNCTION", "KIND", "STATE", "ATTEMPTS", "CREATED", box=None, pad_edge=False)
+    table.add_column("ERROR", overflow="fold")
+    for inv in invocations:
+        table.add_row(
+            inv["id"],
+            escape(inv["function"]),
+            inv["kind"],
+            invocation_state(inv["state"]),
+            f"{inv['attempts']}/{inv['max_attempts']}",
+            timestamp(inv["created_at"]),
+            escape((inv.get("error") or "").splitlines()[0]) if inv.get("error") else "",
+        )
+    return table
+
+
+def invocation_detail(inv: View, *, now: float) -> Table:
+    """``clearway invocations show ID``: one invocation, its payload and outcome."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column(overflow="fold")
+    facts.add_row("invocation", f"{inv['id']}  {escape(inv['app'])}/{escape(inv['function'])} ({inv['kind']})")
+    facts.add_row("state", invocation_state(inv["state"]))
+    facts.add_row("attempts", f"{inv['attempts']} of {inv['max_attempts']}")
+    if inv.get("idempotency_key"):
+        facts.add_row("key", escape(inv["idempotency_key"]))
+    facts.add_row("created", timestamp(inv["created_at"]))
+    if inv["state"] == "queued" and inv.get("next_attempt_at") is not None:
+        facts.add_row("next attempt", f"in {format_duration(max(0.0, inv['next_attempt_at'] - now))}")
+    if inv.get("finished_at") is not None:
+        facts.add_row("finished", timestamp(inv["finished_at"]))
+    if inv.get("error"):
+        facts.add_row("error", escape(inv["error"]))
+    if inv["state"] == "succeeded":
+        facts.add_row("result", escape(json.dumps(inv.get("result"))))
+    if "payload" in inv:
+        facts.add_row("payload", escape(json.dumps(inv["payload"])))
+    return facts

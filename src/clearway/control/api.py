@@ -20,6 +20,13 @@ Basic with the API token as the password, answered by ``git http-backend``.
 Its pre-receive hook calls ``POST /v1/git/<app>/push`` with a per-push token
 that is valid for that one push of that one app only; ``GET
 /v1/apps/<app>/builds`` lists what pushes built.
+
+Functions (`functions_api`): ``/v1/apps/<app>/functions/<fn>/invoke`` calls one
+now, ``.../spawn`` queues a durable invocation (``/v1/invocations/<id>``
+follows it, ``/v1/apps/<app>/invocations?state=dead`` is the dead-letter list),
+``/v1/apps/<app>/events`` is the CloudEvents ingress (the operator's token or
+a replica token of that app), and ``/v1/replica/invocations`` lets an app
+spawn its own functions.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -41,16 +50,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import clearway
 from clearway.backends.base import Backend, RevisionObservation
 from clearway.control.audit import AuditMiddleware, note
+from clearway.control.autoscaler import Autoscaler
 from clearway.control.credentials import PIN_HEADER, TOKEN_TTL, ReplicaIdentity, SigningKey
+from clearway.control.event_ingress import (
+    MalformedEvents,
+    UnroutedEvents,
+    invocations_for,
+    parse_events,
+)
 from clearway.control.faults import StorageFull
 from clearway.control.git import SERVICES, GitRemote, carries_archive, unauthorized
-from clearway.control.reconciler import Reconciler, replicas_for
+from clearway.control.invocations import (
+    MAX_PAYLOAD,
+    TIMEOUT_MARGIN,
+    Dispatcher,
+    FunctionNotFound,
+    Target,
+    find_function,
+)
+from clearway.control.reconciler import Reconciler
 from clearway.control.revisions import RevisionBuilder
 from clearway.control.rollouts import describe_plan
+from clearway.control.schedules import next_fire
 from clearway.control.store import (
     RUNNING_STATES,
     BuildState,
     ConfigScope,
+    InvocationKind,
+    InvocationState,
+    NewInvocation,
     Revision,
     RevisionState,
     Rollout,
@@ -91,6 +119,21 @@ class ConfigChange(BaseModel):
 
 class PinTokenRequest(BaseModel):
     ttl: Annotated[int, Field(ge=60, le=24 * 3600)] = TOKEN_TTL
+
+
+class InvokeRequest(BaseModel):
+    """The keyword arguments of one call of a function (a JSON object)."""
+
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SpawnRequest(InvokeRequest):
+    #: An (app, function) runs at most one invocation per key: spawning again returns that one.
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+
+
+class ReplicaSpawnRequest(SpawnRequest):
+    function: str
 
 
 def basic_password(header: str) -> str:
@@ -161,6 +204,7 @@ def create_api(
     on_shutdown: Callable[[], None],
     git: GitRemote | None = None,
     webhooks: GitHubWebhooks | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> FastAPI:
     api = FastAPI(
         title="clearway control plane",
@@ -260,7 +304,7 @@ def create_api(
         spec = active.spec if active else (production[-1].spec if production else None)
         components = []
         if active is not None:
-            wanted = replicas_for(active, record)
+            wanted = reconciler.replicas_wanted(active, record)
             obs = observed.get(active.id)
             for comp in active.spec.components:
                 seen = obs.components.get(comp.name) if obs else None
@@ -436,6 +480,19 @@ def create_api(
                 404,
                 f"app {name!r} has no component {body.component!r} (components: {', '.join(sorted(known)) or 'none'})",
             )
+        active = store.active(name)
+        function = next((f for f in active.spec.functions if f.name == body.component), None) if active else None
+        if function is not None and active is not None and not body.previews:
+            # A function's replicas are the autoscaler's: this sets them now, and the
+            # next request (or idle window) decides again.
+            note(request, detail=f"{body.component}={body.replicas} (function, now)")
+            decision = reconciler.autoscaler.force(
+                active.id, function, body.replicas, reason="set by the operator (`clearway scale`)"
+            )
+            store.add_event(name, f"function {body.component} of {active.id}: {decision.replicas_from} -> "
+                            f"{decision.replicas_to} replicas ({decision.reason})")
+            reconciler.poke()
+            return {"app": name, "component": body.component, "replicas": decision.replicas_to, "previews": False}
         where = " in previews" if body.previews else ""
         note(request, detail=f"{body.component}={body.replicas}{where}")
         store.set_scale(name, body.component, body.replicas, previews=body.previews)
@@ -768,6 +825,19 @@ def create_api(
             note(request, app=name, detail=f"github {request.headers.get('x-github-event', '?')}: {delivery.summary}")
             return JSONResponse(delivery.body, status_code=delivery.status)
 
+    if dispatcher is not None:
+        functions_api(
+            api,
+            store=store,
+            backend=backend,
+            dispatcher=dispatcher,
+            token=token,
+            auth=auth,
+            need_app=need_app,
+            replica_identity=replica_identity,
+            autoscaler=reconciler.autoscaler,
+        )
+
     @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Gateway metrics per revision, in Prometheus text format."""
@@ -780,6 +850,267 @@ def create_api(
         return {"status": "stopping"}
 
     return api
+
+
+def functions_api(
+    api: FastAPI,
+    *,
+    store: Store,
+    backend: Backend,
+    dispatcher: Dispatcher,
+    token: str,
+    auth: list[Any],
+    need_app: Callable[[str], None],
+    replica_identity: Callable[[Request], Awaitable[ReplicaIdentity]],
+    autoscaler: Autoscaler | None = None,
+) -> None:
+    """The routes of functions: calls, durable invocations and the events ingress
+    (``control.invocations``, ``control.schedules``, ``control.event_ingress``).
+
+    The replica routes (``/v1/replica/invocations``) let an app's code spawn its
+    own functions and follow those invocations, never another app's.
+    """
+
+    def function_target(app: str, function: str, *, caller_revision: str | None = None) -> Target:
+        """Where a call of the function goes: the app's serving revision, or for a
+        caller in a preview, that preview. Before the app's first revision serves,
+        the function is looked up in the caller's (or the newest starting) revision."""
+        need_app(app)
+        caller = store.revision(caller_revision) if caller_revision is not None else None
+        preview = caller.id if caller is not None and caller.branch is not None else None
+        try:
+            return find_function(store, app, function, revision=preview)
+        except FunctionNotFound as exc:
+            if not exc.waiting:
+                raise APIError(404, f"{exc.reason}; `clearway functions {app}` lists them") from None
+            starting = [r for r in store.revisions(app, states={RevisionState.STARTING}) if r.branch is None]
+            for rev in [caller] if caller is not None else starting[::-1]:
+                found = next((f for f in rev.spec.functions if f.name == function), None)
+                if found is not None:
+                    return Target(found)
+            raise APIError(409, f"{exc.reason}: deploy it first (`clearway status {app}` shows why)") from None
+
+    def encoded(kwargs: dict[str, Any]) -> str:
+        payload = json.dumps(kwargs, separators=(",", ":"))
+        if len(payload) > MAX_PAYLOAD:
+            raise APIError(
+                413, f"the arguments take {len(payload)} bytes as JSON; at most {MAX_PAYLOAD // 2**20} MiB: "
+                "pass large data by reference (a URL, a key in your storage)",
+            )
+        return payload
+
+    def spawn(app: str, function: str, target: Target, body: SpawnRequest) -> dict[str, Any]:
+        invocation, created = store.enqueue_invocation(
+            NewInvocation(
+                app=app,
+                function=function,
+                kind=InvocationKind.SPAWN,
+                payload=encoded(body.kwargs),
+                max_attempts=target.spec.retries + 1,
+                idempotency_key=body.idempotency_key,
+                revision=target.revision,
+            )
+        )
+        if created:
+            dispatcher.poke()
+        return {"id": invocation.id, "created": created, "state": invocation.state.value}
+
+    async def read_capped(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length", "")
+        too_big = APIError(413, f"the request is larger than {limit // 2**20} MiB: send fewer or smaller events")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @api.get("/v1/apps/{name}/functions", dependencies=auth, tags=["functions"])
+    async def list_functions(name: str) -> dict[str, Any]:
+        """The functions of the app's serving revision: triggers, replicas and invocations per state."""
+        need_app(name)
+        active = store.active(name)
+        if active is None:
+            return {"app": name, "revision": None, "functions": []}
+        observed = backend.observe().get(active.id)
+        counts = store.invocation_counts(name)
+        marks = store.schedule_marks()
+        views = []
+        for fn in active.spec.functions:
+            seen = observed.components.get(fn.name) if observed else None
+            mark = marks.get((name, fn.name))
+            views.append(
+                {
+                    "name": fn.name,
+                    "triggers": {
+                        "http": fn.http,
+                        "events": list(fn.events),
+                        "schedule": fn.schedule.model_dump(mode="json", exclude_none=True) if fn.schedule else None,
+                    },
+                    "next_fire": next_fire(fn.schedule, mark) if fn.schedule and mark is not None else None,
+                    "min_replicas": fn.min_replicas,
+                    "max_replicas": fn.max_replicas,
+                    "max_concurrency": fn.max_concurrency,
+                    "timeout": fn.timeout,
+                    "retries": fn.retries,
+                    "desired": seen.desired if seen else 0,
+                    "ready": seen.ready if seen else 0,
+                    "invocations": {s.value: counts.get(fn.name, {}).get(s.value, 0) for s in InvocationState},
+                    # The autoscaler's view: replicas wanted, in flight, held, idle time, decisions.
+                    "scaling": autoscaler.status(active.id, fn.name) if autoscaler is not None else None,
+                }
+            )
+        return {"app": name, "revision": active.id, "functions": views}
+
+    @api.post("/v1/apps/{name}/functions/{function}/invoke", dependencies=auth, tags=["functions"])
+    async def invoke(name: str, function: str, body: InvokeRequest | None = None) -> dict[str, Any]:
+        """Call a function now, through the gateway, and wait for its answer (nothing is stored).
+
+        The answer is the function's: ``status`` (its HTTP status), ``content_type``
+        and ``body`` (the JSON it answered, or its text).
+        """
+        target = function_target(name, function)
+        time_limit = target.spec.timeout + TIMEOUT_MARGIN
+        try:
+            response = await dispatcher.caller.call(
+                name,
+                function,
+                body=encoded((body or InvokeRequest()).kwargs).encode(),
+                content_type="application/json",
+                time_limit=time_limit,
+                revision=target.revision,
+            )
+        except httpx.TimeoutException:
+            raise APIError(504, f"{name}/{function} did not answer within {time_limit:g} s (its timeout + {TIMEOUT_MARGIN:g} s)") from None
+        except httpx.TransportError as exc:
+            raise APIError(502, f"the gateway at {dispatcher.caller.gateway_url} does not answer ({exc!r}): `clearway up` restarts it") from None
+        content_type = response.headers.get("content-type", "")
+        answer: Any = response.text
+        if "json" in content_type:
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = response.text  # says JSON, is not: shown as it is
+        return {
+            "app": name,
+            "function": function,
+            "status": response.status_code,
+            "content_type": content_type,
+            "body": answer,
+        }
+
+    @api.post("/v1/apps/{name}/functions/{function}/spawn", status_code=202, dependencies=auth, tags=["functions"])
+    async def operator_spawn(request: Request, name: str, function: str, body: SpawnRequest | None = None) -> dict[str, Any]:
+        """Queue a durable invocation: it runs with the function's retries; ``GET /v1/invocations/{id}`` follows it.
+
+        With an ``idempotency_key`` the (app, function) holds at most one invocation
+        for that key: spawning again answers that one (``created`` false).
+        """
+        answer = spawn(name, function, function_target(name, function), body or SpawnRequest())
+        note(request, app=name, detail=f"{function}: invocation {answer['id']}" + ("" if answer["created"] else " (existing key)"))
+        return answer
+
+    @api.get("/v1/apps/{name}/invocations", dependencies=auth, tags=["functions"])
+    async def list_invocations(
+        name: str,
+        state: InvocationState | None = None,
+        function: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
+    ) -> list[dict[str, Any]]:
+        """The app's newest invocations, newest first; ``state=dead`` is the dead-letter list."""
+        need_app(name)
+        return [i.to_json(with_payload=False) for i in store.invocations(name, state=state, function=function, limit=limit)]
+
+    @api.get("/v1/invocations/{invocation_id}", dependencies=auth, tags=["functions"])
+    async def get_invocation(invocation_id: str) -> dict[str, Any]:
+        """One invocation: its state, attempts, payload, and result or error."""
+        found = store.invocation(invocation_id)
+        if found is None:
+            raise APIError(404, f"no invocation {invocation_id!r}; `clearway invocations APP` lists an app's")
+        return found.to_json()
+
+    @api.post("/v1/invocations/{invocation_id}/retry", dependencies=auth, tags=["functions"])
+    async def retry_invocation(request: Request, invocation_id: str) -> dict[str, Any]:
+        """Queue a dead invocation again, with all its attempts."""
+        found = store.invocation(invocation_id)
+        if found is None:
+            raise APIError(404, f"no invocation {invocation_id!r}; `clearway invocations APP --dead` lists the dead ones")
+        note(request, app=found.app, detail=f"retry {invocation_id}")
+        if not store.retry_invocation(invocation_id):
+            current = store.invocation(invocation_id)
+            state = current.state.value if current else "gone"
+            raise APIError(409, f"invocation {invocation_id} is {state}: only dead invocations are retried")
+        dispatcher.poke()
+        again = store.invocation(invocation_id)
+        assert again is not None
+        return again.to_json()
+
+    @api.post("/v1/apps/{name}/events", status_code=202, tags=["functions"])
+    async def post_events(request: Request, name: str) -> dict[str, Any]:
+        """CloudEvents in (binary, structured or batch mode): one durable invocation per
+        event and function subscribed to its type (``control.event_ingress``).
+
+        The operator's token, or a replica token of this app. 400: not valid
+        CloudEvents; 422: no function receives some event's type. Either way
+        nothing is queued.
+        """
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        caller: Revision | None = None
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())):
+            identity = await replica_identity(request)
+            if identity.app != name:
+                raise APIError(403, f"replica {identity.replica} belongs to {identity.app}: it may post events to its own app only")
+            caller = store.revision(identity.revision)
+        need_app(name)
+        body = await read_capped(request, MAX_PAYLOAD)
+        try:
+            events = parse_events(request.headers, body)
+        except MalformedEvents as exc:
+            raise APIError(400, str(exc)) from None
+        # A preview's own events go to the preview's functions.
+        preview = caller is not None and caller.branch is not None
+        active = store.active(name, caller.branch if caller is not None and preview else None)
+        if active is None:
+            raise APIError(409, f"{name} has no serving revision to receive events yet; `clearway status {name}` shows why")
+        try:
+            new = invocations_for(name, events, active.spec.functions, revision=active.id if preview else None)
+        except UnroutedEvents as exc:
+            raise APIError(422, str(exc)) from None
+        queued = store.enqueue_invocations(new)
+        if any(created for _, created in queued):
+            dispatcher.poke()
+        note(request, app=name, detail=f"{len(events)} event(s) -> {len(queued)} invocation(s)")
+        return {
+            "events": len(events),
+            "invocations": [
+                {"id": i.id, "function": i.function, "created": created, "state": i.state.value} for i, created in queued
+            ],
+        }
+
+    @api.post("/v1/replica/invocations", status_code=202, tags=["replicas"])
+    async def replica_spawn(
+        request: Request,
+        body: ReplicaSpawnRequest,
+        identity: ReplicaIdentity = Depends(replica_identity),  # noqa: B008
+    ) -> dict[str, Any]:
+        """Spawn a function of the calling replica's own app (``Function.spawn``; replica token only)."""
+        target = function_target(identity.app, body.function, caller_revision=identity.revision)
+        answer = spawn(identity.app, body.function, target, body)
+        note(request, detail=f"{body.function}: invocation {answer['id']}" + ("" if answer["created"] else " (existing key)"))
+        return answer
+
+    @api.get("/v1/replica/invocations/{invocation_id}", tags=["replicas"])
+    async def replica_invocation(
+        invocation_id: str, identity: ReplicaIdentity = Depends(replica_identity)  # noqa: B008
+    ) -> dict[str, Any]:
+        """One invocation of the calling replica's own app (``Job.status``; replica token only)."""
+        found = store.invocation(invocation_id)
+        if found is None or found.app != identity.app:
+            raise APIError(404, f"{identity.app} has no invocation {invocation_id!r}")
+        return found.to_json()
 
 
 __all__ = ["create_api"]

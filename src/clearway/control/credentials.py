@@ -1,4 +1,4 @@
-"""Credentials the control plane issues: replica tokens and pin tokens.
+"""Credentials the control plane issues: replica, pin and platform tokens.
 
 Replicas get a channel to the control plane (``CLEARWAY_CONTROL_URL``) and an
 identity the gateway checks on internal routes, so each needs a credential of
@@ -15,6 +15,19 @@ the gateway verifies without asking us):
 * a **pin token** (aud ``clearway:pin``) lets its bearer pin a request to one
   revision of one app with ``x-clearway-revision`` (smoke checks of a revision
   at weight 0, before it gets traffic). Only the operator gets them.
+* a **platform token** (aud ``clearway:platform``, sub ``control-plane``) is
+  the control plane's own identity at the gateway. The control plane delivers
+  durable invocations (spawned, event and cron ones) *through the gateway*, to
+  a function's internal route, rather than to a replica socket directly, so
+  that held requests, scale from zero and per-revision metrics apply to them
+  exactly as to any other call. On an internal route the gateway lets this
+  identity past every ``allow`` rule (the platform is trusted) and tells the
+  function ``x-clearway-caller: platform``; on a public route it grants
+  nothing. What a leaked one could do: reach any internal route, of any app,
+  until it expires. So it never leaves the control plane's memory (it is not
+  written to disk, a log or a replica's environment), and it lives minutes
+  (``PLATFORM_TOKEN_TTL``), not an hour: the control plane mints a fresh one
+  when the one it holds is near its end.
 
 The signing key is the platform's own (``$CLEARWAY_HOME/keys/signing.pem``),
 created on first start and *not* derived from the operator token: rotating
@@ -39,10 +52,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 ISSUER = "clearway"
 REPLICA_AUDIENCE = "clearway:replica"
 PIN_AUDIENCE = "clearway:pin"
+PLATFORM_AUDIENCE = "clearway:platform"
+#: The ``sub`` of every platform token (the gateway checks it).
+PLATFORM_SUBJECT = "control-plane"
 #: The header the gateway reads a pin token from.
 PIN_HEADER = "x-clearway-pin-token"
-#: Lifetime of both kinds of token, in seconds.
+#: Lifetime of replica and pin tokens, in seconds.
 TOKEN_TTL = 3600
+#: Lifetime of a platform token, in seconds: short, since it opens every internal route.
+PLATFORM_TOKEN_TTL = 300
 #: The only algorithm accepted: never let a token choose its own verification.
 _ALGORITHMS = ["EdDSA"]
 
@@ -197,6 +215,23 @@ class SigningKey:
             "rev": revision,
             "iat": now,
             "exp": now + ttl,
+        }
+        return IssuedToken(jwt.encode(claims, self._private, algorithm="EdDSA"), now + ttl)
+
+    # -- platform tokens ---------------------------------------------------------
+    def mint_platform_token(self, *, ttl: int = PLATFORM_TOKEN_TTL) -> IssuedToken:
+        """The control plane's own identity at the gateway (see the module docstring).
+
+        Keep it in memory only, and mint a new one before ``expires_at``.
+        """
+        now = int(self._clock())
+        claims = {
+            "iss": ISSUER,
+            "aud": PLATFORM_AUDIENCE,
+            "sub": PLATFORM_SUBJECT,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": secrets.token_hex(12),
         }
         return IssuedToken(jwt.encode(claims, self._private, algorithm="EdDSA"), now + ttl)
 

@@ -90,15 +90,18 @@ __all__ = [
 
 #: What the replica runtime imports inside the app's environment, with the
 #: oldest versions it works with: pydantic (the spec model the SDK validates
-#: with), uvicorn with uvloop and httptools (``loop="uvloop"``,
-#: ``http="httptools"``), a2wsgi (WSGI apps). Checked by importing
-#: ``clearway.runtime.replica`` and what uvicorn loads for that configuration.
+#: with; 2.9 for ``val_json_bytes``, how functions take ``bytes`` as base64),
+#: uvicorn with uvloop and httptools (``loop="uvloop"``, ``http="httptools"``),
+#: a2wsgi (WSGI apps), cloudevents (the events functions receive,
+#: ``cloudevents.v1.http``). Checked by importing ``clearway.runtime.replica``
+#: and what uvicorn loads for that configuration.
 REPLICA_REQUIREMENTS: tuple[str, ...] = (
-    "pydantic>=2.7",
+    "pydantic>=2.9",
     "uvicorn>=0.29",
     "uvloop>=0.19; sys_platform != 'win32'",
     "httptools>=0.6",
     "a2wsgi>=1.10",
+    "cloudevents>=2.2",
 )
 
 #: The version of the interpreter the platform runs on ("3.11.7").

@@ -48,10 +48,12 @@ from clearway.backends.base import (
     TrafficTarget,
     Workload,
 )
+from clearway.control.autoscaler import Autoscaler
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.rollouts import RolloutController, SmokeRunner
 from clearway.control.store import RUNNING_STATES, AppRecord, Revision, RevisionState, Store
 from clearway.spec.ids import branch_label, commit_label
+from clearway.spec.model import FunctionSpec
 
 log = logging.getLogger("clearway.control")
 
@@ -99,6 +101,10 @@ class Reconciler:
         #: path of the deploy itself, which is complete by then; its failure is logged.
         self.after_activation = after_activation
         self.rollouts = RolloutController(store, backend, clock=clock, smoke=smoke)
+        #: Replicas of functions: decided from the gateway's load, not the store.
+        self.autoscaler = Autoscaler()
+        #: The functions of the running revisions, as of the last pass (the autoscaler's scope).
+        self.functions: dict[tuple[str, str], tuple[str, FunctionSpec]] = {}
         self._wake = asyncio.Event()
         self._passes = 0
         self._pass_done = asyncio.Condition()
@@ -153,7 +159,7 @@ class Reconciler:
                 artifact=Artifact(code=r.code_digest, env=r.env_digest, python=r.python or _PLATFORM_PYTHON),
                 app_file=r.app_file,
                 env={**r.spec.env, **r.env},
-                replicas=replicas_for(r, apps.get(r.app)),
+                replicas=self.replicas_wanted(r, apps.get(r.app)),
                 uid=r.uid if self.assign_uids else None,
             )
             for r in running
@@ -189,7 +195,46 @@ class Reconciler:
             HostAlias(app=app, label=label, targets=[TrafficTarget(revision=r.id, weight=100)])
             for (app, label), r in sorted(commits.items())
         ]
+        self.functions = {(r.id, fn.name): (r.app, fn) for r in running for fn in r.spec.functions}
+        self.autoscaler.forget(self.functions)
         return DesiredState(workloads=workloads, traffic=traffic, aliases=aliases)
+
+    def replicas_wanted(self, revision: Revision, app: AppRecord | None) -> dict[str, int]:
+        """`replicas_for`, with the autoscaler's count for every function."""
+        counts = replicas_for(revision, app)
+        running: dict[str, int] | None = None
+        for fn in revision.spec.functions:
+            key = (revision.id, fn.name)
+            if running is None and not self.autoscaler.known(key):
+                running = {}
+                for info in self.backend.replicas(revision.app):
+                    if info.revision == revision.id:
+                        running[info.component] = running.get(info.component, 0) + 1
+            counts[fn.name] = self.autoscaler.replicas(
+                revision.id, fn, running=(running or {}).get(fn.name) if running is not None else None
+            )
+        return counts
+
+    async def autoscale(self, *, period: float = 0.1) -> None:
+        """Read the gateway's load every ``period`` and resize functions (a supervised loop)."""
+        while True:
+            functions = {key: spec for key, (_, spec) in self.functions.items()}
+            if functions:
+                loads = await self.backend.load()
+                for decision in self.autoscaler.update(loads, functions):
+                    app = self.functions[(decision.revision, decision.function)][0]
+                    log.info(
+                        "function %s of %s: %d -> %d replicas (%s)",
+                        decision.function, decision.revision, decision.replicas_from, decision.replicas_to,
+                        decision.reason,
+                    )
+                    self.store.add_event(
+                        app,
+                        f"function {decision.function} of {decision.revision}: "
+                        f"{decision.replicas_from} -> {decision.replicas_to} replicas ({decision.reason})",
+                    )
+                    self.poke()
+            await asyncio.sleep(period if functions else 5 * period)
 
     def _deadline(self, rev: Revision) -> tuple[float, float] | None:
         """(startup limit, deadline) of a starting revision; None when it has no start time."""

@@ -38,13 +38,16 @@ from pathlib import Path
 import uvicorn
 
 from clearway.backends.local import LocalBackend, LocalConfig
+from clearway.backends.local.backend import APPS_PREFIX, INTERNAL_HOST, INTERNAL_PREFIX
 from clearway.control.api import create_api
 from clearway.control.credentials import SigningKey
 from clearway.control.git import GitRemote
 from clearway.control.home import Home
+from clearway.control.invocations import Dispatcher, FunctionCaller, PlatformToken
 from clearway.control.reconciler import Reconciler
 from clearway.control.retention import DEFAULT_KEEP_REVISIONS, Retention
 from clearway.control.revisions import Ownership, RevisionBuilder
+from clearway.control.schedules import Scheduler
 from clearway.control.smoke import SmokeChecks
 from clearway.control.store import DEFAULT_UID_BASE, Store
 from clearway.control.uploads import UploadLimits
@@ -216,6 +219,16 @@ class ControlPlane:
         reconciler = Reconciler(store, backend, after_activation=collect, smoke=smoke)
         backend.subscribe(reconciler.poke)
         remote = GitRemote(self.home.root, store=store, builder=builder, reconciler=reconciler, backend=backend)
+        # Durable invocations and schedules (control.invocations): through the gateway's internal routes, as the platform.
+        platform_token = PlatformToken(signing.mint_platform_token)
+        caller = FunctionCaller(
+            f"http://{INTERNAL_HOST}:{port}",
+            platform_token.get,
+            apps_prefix=APPS_PREFIX,
+            revisions_prefix=INTERNAL_PREFIX,
+        )
+        dispatcher = Dispatcher(store, caller)
+        scheduler = Scheduler(store, on_queued=dispatcher.poke)
         api = create_api(
             store=store,
             backend=backend,
@@ -226,6 +239,7 @@ class ControlPlane:
             on_shutdown=self.request_shutdown,
             git=remote,
             webhooks=GitHubWebhooks(store=store, remote=remote, tasks=tasks),
+            dispatcher=dispatcher,
         )
         server = _EmbeddedServer(
             uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
@@ -243,6 +257,9 @@ class ControlPlane:
             "started_at": time.time(),
         }
         tasks.start_forever("reconciler", reconciler.run)
+        tasks.start_forever("autoscaler", reconciler.autoscale)
+        tasks.start_forever("invocations", dispatcher.run)
+        tasks.start_forever("schedules", scheduler.run)
         api_task = tasks.start_forever("api", lambda: server.serve(sockets=[api_sock]))
         try:
             while not server.started:
@@ -258,6 +275,7 @@ class ControlPlane:
             log.info("shutting down (stopping apps: %s)", self._stop_workloads)
             server.should_exit = True
             await tasks.close()
+            await dispatcher.caller.aclose()
             await reconciler.rollouts.close()
             await backend.close(stop_workloads=self._stop_workloads)
             store.close()

@@ -32,6 +32,11 @@ platform's alone, and nothing encrypts them at rest (out of scope for now);
 what keeps them secret is that no API view, event or audit row ever holds a
 configuration value (`ConfigEntry.to_json` leaves secrets out, events and
 audit rows name keys only).
+
+Durable function invocations (their queue, attempts, results and dead
+letters) and the marks of schedules' last fires live here too, so that a
+``kill -9`` of the control plane loses no queued invocation and fires no
+schedule twice (``control.invocations``, ``control.schedules``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +166,33 @@ CREATE TABLE IF NOT EXISTS webhooks (
     secret TEXT NOT NULL,
     repository TEXT,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS invocations (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    function TEXT NOT NULL,
+    revision TEXT,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    idempotency_key TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE (app, function, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS invocations_due ON invocations(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS invocations_app ON invocations(app, created_at);
+CREATE TABLE IF NOT EXISTS schedules (
+    app TEXT NOT NULL,
+    function TEXT NOT NULL,
+    last_fire REAL NOT NULL,
+    PRIMARY KEY (app, function)
 );
 """
 
@@ -743,7 +776,7 @@ class Store:
             db.execute(f"UPDATE apps SET {column}=? WHERE name=?", (json.dumps(scale), app))
 
     def delete_app(self, app: str) -> None:
-        """Forget the app: its revisions, rollouts, builds, events, webhook and configuration (secrets included)."""
+        """Forget the app: its revisions, rollouts, builds, events, webhook, invocations, schedules and configuration (secrets included)."""
         with self.transaction() as db:
             db.execute("DELETE FROM config WHERE app=?", (app,))
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
@@ -751,6 +784,8 @@ class Store:
             db.execute("DELETE FROM builds WHERE app=?", (app,))
             db.execute("DELETE FROM rollouts WHERE app=?", (app,))
             db.execute("DELETE FROM webhooks WHERE app=?", (app,))
+            db.execute("DELETE FROM invocations WHERE app=?", (app,))
+            db.execute("DELETE FROM schedules WHERE app=?", (app,))
             db.execute("DELETE FROM apps WHERE name=?", (app,))
 
     # -- configuration ------------------------------------------------------------
@@ -1292,3 +1327,369 @@ class Store:
                 "SELECT app, secret, repository, created_at FROM webhooks WHERE app=?", (app,)
             ).fetchone()
         return None if row is None else dict(row)
+
+    # -- invocations ----------------------------------------------------------
+    # Durable function invocations and schedule marks (``control.invocations``,
+    # ``control.schedules``): the queue itself lives here, so that a kill -9
+    # loses none of it. Every change is one transaction, guarded by the state
+    # it expects, so a late answer of a delivery that was given up on cannot
+    # overwrite a newer attempt.
+    def enqueue_invocations(
+        self, new: Sequence[NewInvocation], *, now: float | None = None
+    ) -> list[tuple[Invocation, bool]]:
+        """Queue invocations, all or none (one transaction); each with whether it was added.
+
+        One whose idempotency key its (app, function) already holds is not added
+        again: the stored one comes back, with ``False``, whatever its payload.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            return [self._insert_invocation(db, item, now) for item in new]
+
+    def _insert_invocation(self, db: sqlite3.Connection, item: NewInvocation, now: float) -> tuple[Invocation, bool]:
+        cursor = db.execute(
+            "INSERT INTO invocations(id, app, function, revision, kind, payload, idempotency_key, state,"
+            " attempts, max_attempts, next_attempt_at, created_at) VALUES(?,?,?,?,?,?,?,?,0,?,?,?)"
+            " ON CONFLICT(app, function, idempotency_key) DO NOTHING",
+            (
+                uuid.uuid4().hex,
+                item.app,
+                item.function,
+                item.revision,
+                item.kind.value,
+                item.payload,
+                item.idempotency_key,
+                InvocationState.QUEUED.value,
+                item.max_attempts,
+                now if item.not_before is None else item.not_before,
+                now,
+            ),
+        )
+        if cursor.rowcount:
+            row = db.execute("SELECT * FROM invocations WHERE rowid=?", (cursor.lastrowid,)).fetchone()
+        else:
+            row = db.execute(
+                "SELECT * FROM invocations WHERE app=? AND function=? AND idempotency_key=?",
+                (item.app, item.function, item.idempotency_key),
+            ).fetchone()
+        return self._invocation(row), bool(cursor.rowcount)
+
+    def enqueue_invocation(self, new: NewInvocation, *, now: float | None = None) -> tuple[Invocation, bool]:
+        return self.enqueue_invocations([new], now=now)[0]
+
+    def invocation(self, invocation_id: str) -> Invocation | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM invocations WHERE id=?", (invocation_id,)).fetchone()
+        return None if row is None else self._invocation(row)
+
+    def invocations(
+        self,
+        app: str,
+        *,
+        state: InvocationState | None = None,
+        function: str | None = None,
+        limit: int = 50,
+    ) -> list[Invocation]:
+        """The app's newest invocations (optionally in one state, of one function), newest first."""
+        query, args = "SELECT * FROM invocations WHERE app=?", [app]
+        if state is not None:
+            query += " AND state=?"
+            args.append(state.value)
+        if function is not None:
+            query += " AND function=?"
+            args.append(function)
+        query += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*args, limit)).fetchall()
+        return [self._invocation(r) for r in rows]
+
+    def invocation_counts(self, app: str) -> dict[str, dict[str, int]]:
+        """How many invocations of each of the app's functions are in each state."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT function, state, COUNT(*) FROM invocations WHERE app=? GROUP BY function, state", (app,)
+            ).fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for function, state, count in rows:
+            counts.setdefault(str(function), {})[str(state)] = int(count)
+        return counts
+
+    def claim_invocations(self, *, limit: int, lease: float, now: float | None = None) -> list[Invocation]:
+        """Up to ``limit`` due queued invocations, the longest due first, moved to
+        ``running`` with one more attempt and a lease until ``now + lease``.
+
+        Running invocations whose lease ran out go back to the queue first:
+        whoever delivered them stopped renewing (their delivery was lost).
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE invocations SET state=?, lease_until=NULL, next_attempt_at=? WHERE state=? AND lease_until<?",
+                (InvocationState.QUEUED.value, now, InvocationState.RUNNING.value, now),
+            )
+            rows = db.execute(
+                "SELECT id FROM invocations WHERE state=? AND next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?",
+                (InvocationState.QUEUED.value, now, limit),
+            ).fetchall()
+            ids = [str(r[0]) for r in rows]
+            claimed = []
+            for invocation_id in ids:
+                db.execute(
+                    "UPDATE invocations SET state=?, attempts=attempts+1, lease_until=? WHERE id=?",
+                    (InvocationState.RUNNING.value, now + lease, invocation_id),
+                )
+                row = db.execute("SELECT * FROM invocations WHERE id=?", (invocation_id,)).fetchone()
+                claimed.append(self._invocation(row))
+        return claimed
+
+    def next_invocation_due(self) -> float | None:
+        """When the earliest queued invocation is due (None: the queue is empty)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM invocations WHERE state=?", (InvocationState.QUEUED.value,)
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def renew_leases(self, invocation_ids: Sequence[str], *, until: float) -> None:
+        """Extend the leases of invocations still being delivered."""
+        if not invocation_ids:
+            return
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE invocations SET lease_until=? WHERE id=? AND state=?",
+                [(until, i, InvocationState.RUNNING.value) for i in invocation_ids],
+            )
+
+    def finish_invocation(
+        self,
+        claimed: Invocation,
+        state: InvocationState,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """The attempt ``claimed`` ended the invocation: ``succeeded`` (with the result)
+        or ``dead`` (with the error). False when that attempt was no longer the
+        current one (its lease ran out and it was claimed again), and nothing changed."""
+        assert state in (InvocationState.SUCCEEDED, InvocationState.DEAD)
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE invocations SET state=?, result=?, error=?, finished_at=?, lease_until=NULL"
+                " WHERE id=? AND state=? AND attempts=?",
+                (state.value, result, error, now, claimed.id, InvocationState.RUNNING.value, claimed.attempts),
+            )
+            return cursor.rowcount > 0
+
+    def requeue_invocation(self, claimed: Invocation, *, at: float, error: str, count_attempt: bool = True) -> bool:
+        """The attempt ``claimed`` failed in a way worth retrying: queue it again, due
+        ``at``. ``count_attempt=False``: it was never delivered (nothing to deliver
+        to yet), so it does not use up an attempt. False when that attempt was no
+        longer the current one."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE invocations SET state=?, next_attempt_at=?, error=?, lease_until=NULL,"
+                " attempts=attempts-? WHERE id=? AND state=? AND attempts=?",
+                (
+                    InvocationState.QUEUED.value,
+                    at,
+                    error,
+                    0 if count_attempt else 1,
+                    claimed.id,
+                    InvocationState.RUNNING.value,
+                    claimed.attempts,
+                ),
+            )
+            return cursor.rowcount > 0
+
+    def requeue_running(self, *, now: float | None = None) -> int:
+        """At start-up: every ``running`` invocation goes back to the queue, due now.
+        The process delivering them is gone, and whether they ran is unknown, so they
+        run again (at least once). Returns how many."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE invocations SET state=?, lease_until=NULL, next_attempt_at=? WHERE state=?",
+                (InvocationState.QUEUED.value, now, InvocationState.RUNNING.value),
+            )
+            return cursor.rowcount
+
+    def retry_invocation(self, invocation_id: str, *, now: float | None = None) -> bool:
+        """A dead invocation goes back to the queue, due now, with all its attempts
+        again. False when it is not dead (or unknown)."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE invocations SET state=?, attempts=0, next_attempt_at=?, finished_at=NULL"
+                " WHERE id=? AND state=?",
+                (InvocationState.QUEUED.value, now, invocation_id, InvocationState.DEAD.value),
+            )
+            return cursor.rowcount > 0
+
+    def prune_invocations(self, *, finished_before: float) -> int:
+        """Forget succeeded invocations finished before a time (dead ones stay: the
+        dead-letter list is for people to read). Returns how many."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM invocations WHERE state=? AND finished_at<?",
+                (InvocationState.SUCCEEDED.value, finished_before),
+            )
+            return cursor.rowcount
+
+    # -- schedules --------------------------------------------------------------
+    def schedule_marks(self) -> dict[tuple[str, str], float]:
+        """(app, function) -> the time of its schedule's last fire (or first sighting)."""
+        with self._lock:
+            rows = self._db.execute("SELECT app, function, last_fire FROM schedules").fetchall()
+        return {(str(r[0]), str(r[1])): float(r[2]) for r in rows}
+
+    def mark_schedule(self, app: str, function: str, at: float) -> None:
+        """A schedule seen for the first time: it fires next after ``at``."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO schedules(app, function, last_fire) VALUES(?,?,?)"
+                " ON CONFLICT(app, function) DO UPDATE SET last_fire=excluded.last_fire",
+                (app, function, at),
+            )
+
+    def fire_schedule(self, new: NewInvocation, *, fire_at: float, now: float | None = None) -> tuple[Invocation, bool]:
+        """Queue a schedule's run for the fire time ``fire_at`` and record that fire,
+        in one transaction: a crash leaves either both or neither."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            queued = self._insert_invocation(db, new, now)
+            db.execute(
+                "INSERT INTO schedules(app, function, last_fire) VALUES(?,?,?)"
+                " ON CONFLICT(app, function) DO UPDATE SET last_fire=excluded.last_fire",
+                (new.app, new.function, fire_at),
+            )
+        return queued
+
+    def forget_schedules(self, keep: set[tuple[str, str]]) -> int:
+        """Drop the marks of schedules no serving revision has any more (a schedule
+        that comes back later starts afresh). Returns how many."""
+        gone = [key for key in self.schedule_marks() if key not in keep]
+        if not gone:
+            return 0
+        with self.transaction() as db:
+            db.executemany("DELETE FROM schedules WHERE app=? AND function=?", gone)
+        return len(gone)
+
+    @staticmethod
+    def _invocation(row: sqlite3.Row) -> Invocation:
+        return Invocation(
+            id=row["id"],
+            app=row["app"],
+            function=row["function"],
+            revision=row["revision"],
+            kind=InvocationKind(row["kind"]),
+            payload=row["payload"],
+            idempotency_key=row["idempotency_key"],
+            state=InvocationState(row["state"]),
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            lease_until=row["lease_until"],
+            result=row["result"],
+            error=row["error"],
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+        )
+
+
+class InvocationState(enum.StrEnum):
+    """Lifecycle of a durable invocation (``control.invocations``)."""
+
+    #: Waiting for its (next) attempt, due at ``next_attempt_at``.
+    QUEUED = "queued"
+    #: An attempt is being delivered; the dispatcher holds it until ``lease_until``.
+    RUNNING = "running"
+    #: The function answered 2xx; ``result`` holds its answer.
+    SUCCEEDED = "succeeded"
+    #: Given up on (the dead-letter list): a 4xx, or every attempt failed; ``error`` says why.
+    #: ``clearway invocations retry`` queues it again.
+    DEAD = "dead"
+
+
+class InvocationKind(enum.StrEnum):
+    """What made an invocation."""
+
+    #: ``Function.spawn`` from an app, or ``clearway invoke --async``: the payload is the keyword arguments.
+    SPAWN = "spawn"
+    #: A CloudEvent posted to the app's events ingress: the payload is the event, structured JSON.
+    EVENT = "event"
+    #: A fire of the function's schedule: the payload is ``{}``.
+    CRON = "cron"
+
+
+@dataclass(frozen=True)
+class NewInvocation:
+    """An invocation to queue (`Store.enqueue_invocations`)."""
+
+    app: str
+    function: str
+    kind: InvocationKind
+    #: JSON: the keyword arguments (spawn, cron) or the structured CloudEvent (event).
+    payload: str
+    max_attempts: int
+    idempotency_key: str | None = None
+    #: The revision to deliver to; None: whichever serves the app when it runs.
+    revision: str | None = None
+    #: Not due before this time (default: at once).
+    not_before: float | None = None
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One durable invocation of a function, as stored."""
+
+    id: str
+    app: str
+    function: str
+    revision: str | None
+    kind: InvocationKind
+    payload: str = field(repr=False)
+    idempotency_key: str | None
+    state: InvocationState
+    #: Attempts made so far (the one running included); ``x-clearway-attempt`` of the current one.
+    attempts: int
+    max_attempts: int
+    next_attempt_at: float
+    lease_until: float | None
+    result: str | None = field(repr=False)
+    #: Why the last attempt failed (kept while retrying), or why it is dead.
+    error: str | None
+    created_at: float
+    finished_at: float | None
+
+    def to_json(self, *, with_payload: bool = True) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "id": self.id,
+            "app": self.app,
+            "function": self.function,
+            "revision": self.revision,
+            "kind": self.kind.value,
+            "state": self.state.value,
+            "idempotency_key": self.idempotency_key,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "next_attempt_at": self.next_attempt_at if self.state is InvocationState.QUEUED else None,
+            "error": self.error,
+            "result": _json_or_text(self.result),
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+        if with_payload:
+            view["payload"] = _json_or_text(self.payload)
+        return view
+
+
+def _json_or_text(text: str | None) -> Any:
+    """A stored answer as the JSON it holds, or as text when it is not JSON."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -2,8 +2,9 @@
 
 One asyncio process (uvloop + httptools, no framework) that routes requests by
 Host and path prefix to replica processes, splits traffic between revisions by
-weight, holds requests for revisions with no ready replica, and exposes metrics
-and its route generation on an admin Unix socket.
+weight, holds requests for revisions with no ready replica, and exposes metrics,
+load per component (for the autoscaler) and its route generation on an admin
+Unix socket.
 
 Run it as a process, as the control plane does::
 
@@ -19,7 +20,7 @@ or in-process (tests, the platform)::
 
 Module map: ``_routes`` (the routes file), ``_router`` (matching and balancing),
 ``_proxy`` (client connections: the hot path), ``_identity`` (who is
-calling and may they: replica tokens, internal-route policy, pin tokens),
+calling and may they: replica and platform tokens, internal-route policy, pin tokens),
 ``_upstream`` (replica connections and pools), ``_holding``, ``_metrics``, ``_access_log``,
 ``_admin``, ``_error_pages``, ``_settings``, ``_gateway``
 (lifecycle) and ``_cli``.  Only the names below are public.

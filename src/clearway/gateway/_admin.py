@@ -8,15 +8,23 @@ requests.  Asyncio Streams are fine here: this is not the hot path.
     GET /healthz   200 "ok"
     GET /routes    {"generation": N}   (the control plane polls it after a reload)
     GET /held      {"<revision>": <held requests>}   (what scale-from-zero will act on)
+    GET /load      [{"app", "revision", "component", "in_flight", "held",
+                     "requests" (answered so far, cumulative)}]   (the autoscaler)
     GET /metrics   Prometheus text format
-    GET /stats     {"bounds": [s...], "revisions": [{"app", "revision",
+    GET /stats     {"bounds": [s...], "revisions": [{"app", "revision", "component",
                     "by_class": [1xx..5xx], "buckets": [non-cumulative, last +Inf]}]}
 
 ``/stats`` is for the control plane's canary analysis: it needs the raw
 counters of each revision, which it subtracts between two readings, and
 parsing them back out of the Prometheus text would tie it to label names and
 cumulative ``le`` buckets.  The counters only grow for the gateway's life, so
-a reading that went down means the gateway restarted.
+a reading that went down means the gateway restarted.  A revision with
+several counted components has one entry per component; ``/held`` sums them.
+
+``/load`` is what the autoscaler polls, often: per (app, revision, component)
+the requests in flight now (held ones included), held now, and answered so
+far (the autoscaler subtracts readings to see whether a function was idle).
+It is a few integers per entry, with no buckets, so it stays cheap.
 """
 
 from __future__ import annotations
@@ -45,12 +53,14 @@ class AdminServer:
         *,
         generation: Callable[[], int],
         held: Callable[[], dict[str, int]],
+        load: Callable[[], list[dict[str, Any]]],
         metrics: Callable[[], bytes],
         stats: Callable[[], dict[str, Any]],
     ) -> None:
         self.path = Path(path)
         self._generation = generation
         self._held = held
+        self._load = load
         self._metrics = metrics
         self._stats = stats
         self._server: asyncio.AbstractServer | None = None
@@ -101,8 +111,10 @@ class AdminServer:
             return 200, "application/json", json.dumps({"generation": self._generation()}).encode()
         if path == b"/held":
             return 200, "application/json", json.dumps(self._held()).encode()
+        if path == b"/load":
+            return 200, "application/json", json.dumps(self._load()).encode()
         if path == b"/metrics":
             return 200, CONTENT_TYPE_LATEST, self._metrics()
         if path == b"/stats":
             return 200, "application/json", json.dumps(self._stats()).encode()
-        return 404, "text/plain", b"Unknown admin path; try /healthz, /routes, /held, /metrics or /stats.\n"
+        return 404, "text/plain", b"Unknown admin path; try /healthz, /routes, /held, /load, /metrics or /stats.\n"

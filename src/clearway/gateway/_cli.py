@@ -40,7 +40,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m clearway.gateway", description="clearway's HTTP gateway")
     parser.add_argument("--listen", default="127.0.0.1:8080", help="host:port to serve HTTP on")
     parser.add_argument("--routes", required=True, help="routes.json written by the control plane")
-    parser.add_argument("--admin-socket", required=True, help="Unix socket for /metrics, /routes, /held, /healthz")
+    parser.add_argument("--admin-socket", required=True, help="Unix socket for /metrics, /routes, /held, /load, /stats, /healthz")
     parser.add_argument("--access-log", default=None, help="file to append one line per request to")
     parser.add_argument("--hold-timeout", type=float, default=30.0, help="seconds a request waits for a replica")
     parser.add_argument(

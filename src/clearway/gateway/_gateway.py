@@ -26,6 +26,7 @@ import logging
 import random
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from clearway.exceptions import RuntimeStartError
 from clearway.tasks import TaskSupervisor
@@ -158,6 +159,7 @@ class Gateway:
                 self._admin_path,
                 generation=lambda: self.generation,
                 held=self.held,
+                load=self.load,
                 metrics=self._metrics.exposition,
                 stats=self._metrics.traffic,
             )
@@ -257,6 +259,10 @@ class Gateway:
     def held(self) -> dict[str, int]:
         """Requests currently held per revision (waiting for a ready replica)."""
         return self._metrics.held()
+
+    def load(self) -> list[dict[str, Any]]:
+        """Requests in flight, held and answered so far per (app, revision, component) (``GET /load``)."""
+        return self._metrics.load()
 
     def metrics_text(self) -> bytes:
         """The metrics in the Prometheus text format (as served by ``GET /metrics``)."""

@@ -1,4 +1,4 @@
-"""Who is calling, and may they: replica identities, internal-route policy, pin grants.
+"""Who is calling, and may they: replica and platform identities, internal-route policy, pin grants.
 
 Why this exists: a private service used to be reachable by any process on the
 machine, because the gateway trusted the loopback source address.  Now a
@@ -20,6 +20,21 @@ a revision that gets no traffic.  A cookie naming such a revision is ignored
 rather than refused, so a cookie left over from a rolled-back canary falls
 back to the normal split instead of breaking a user's browsing; a header is
 explicit, so its refusal is a 403.
+
+The control plane has an identity of its own: a **platform token**
+(audience ``clearway:platform``, subject ``control-plane``, same key).  It
+exists because the control plane delivers durable invocations (spawned, event
+and cron ones) through the gateway, to a function's internal route, instead of
+to a replica's socket: that way held requests, scale from zero and the
+per-revision metrics apply to them as to any other call, with no second path
+to keep in step.  On an internal route it passes every ``allow`` rule (the
+platform is trusted; a policy says which *apps* may call a service) and the
+app sees ``x-clearway-caller: platform``.  On a public route it grants
+nothing: the identity header is stripped there as always, and it is no pin
+token.  What a leaked platform token could do: reach any internal route of
+any app until it expires.  It is kept in the control plane's memory only and
+lives minutes (``SigningKey.mint_platform_token``), and it is not tied to the
+identities table (nothing to revoke it by), so its short life is its limit.
 
 Decisions and their reasons:
 
@@ -77,11 +92,12 @@ __all__ = [
     "cookie_pin",
 ]
 
-#: The caller's replica JWT (stripped before forwarding).
+#: The caller's replica (or platform) JWT (stripped before forwarding).
 IDENTITY_HEADER = b"x-clearway-identity"
 #: The operator's pin JWT that makes the pin header count (stripped before forwarding).
 PIN_TOKEN_HEADER = b"x-clearway-pin-token"
-#: Set by the gateway on internal routes: ``app/revision/component`` of the verified caller.
+#: Set by the gateway on internal routes: ``app/revision/component`` of the verified
+#: caller, or ``platform`` for the control plane.
 CALLER_HEADER = b"x-clearway-caller"
 #: The cookie that keeps a client on one weighted revision (forwarded to the app unchanged).
 PIN_COOKIE = b"clearway-revision"
@@ -89,10 +105,17 @@ PIN_COOKIE = b"clearway-revision"
 ISSUER = "clearway"
 REPLICA_AUDIENCE = "clearway:replica"
 PIN_AUDIENCE = "clearway:pin"
+PLATFORM_AUDIENCE = "clearway:platform"
+#: The ``sub`` a platform token must carry.
+PLATFORM_SUBJECT = "control-plane"
+#: ``x-clearway-caller`` for requests the platform itself makes.
+PLATFORM_CALLER = b"platform"
 ALGORITHMS = ["EdDSA"]
 #: Verified tokens kept; a gateway sees one token per running replica (they
 #: are renewed about hourly), so this is far more than a machine needs.
 MAX_CACHED_TOKENS = 4096
+#: The audiences an ``x-clearway-identity`` token may carry (checked again after decoding).
+_IDENTITY_AUDIENCES = [REPLICA_AUDIENCE, PLATFORM_AUDIENCE]
 #: What app, revision and component names look like (``clearway.spec.ids`` is stricter).
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
@@ -103,7 +126,10 @@ class IdentityKeyError(ClearwayError):
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """A verified replica identity (from the claims of its token)."""
+    """A verified identity: a replica (from the claims of its token), or the platform.
+
+    For the platform, app, revision and component are empty and ``platform`` is true.
+    """
 
     replica: str
     incarnation: str
@@ -112,10 +138,14 @@ class Caller:
     component: str
     #: The token's ``exp`` (seconds since the epoch).
     expires: float
-    #: ``app/revision/component`` as sent upstream in ``x-clearway-caller``.
+    #: ``app/revision/component`` (or ``platform``) as sent upstream in ``x-clearway-caller``.
     header: bytes
+    #: The control plane (a platform token): passes every allow rule of an internal route.
+    platform: bool = False
 
     def describe(self) -> str:
+        if self.platform:
+            return "the platform (control plane)"
         return f"{self.app}/{self.revision}/{self.component} (replica {self.replica})"
 
 
@@ -160,7 +190,7 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 
 class IdentityVerifier:
-    """Verifies replica and pin tokens, caching the good ones."""
+    """Verifies replica, platform and pin tokens, caching the good ones."""
 
     __slots__ = ("_callers", "_clock", "_identities", "_key", "_max_cached", "_pins")
 
@@ -189,12 +219,15 @@ class IdentityVerifier:
         return len(self._callers) + len(self._pins)
 
     def set_identities(self, identities: Mapping[str, str]) -> None:
-        """Honour replica tokens of exactly these (replica -> incarnation) pairs from now on."""
+        """Honour replica tokens of exactly these (replica -> incarnation) pairs from now on.
+
+        Platform tokens are not in the table; they stay honoured until they expire.
+        """
         self._identities = identities
         self._callers = {
             token: caller
             for token, caller in self._callers.items()
-            if identities.get(caller.replica) == caller.incarnation
+            if caller.platform or identities.get(caller.replica) == caller.incarnation
         }
 
     def set_key(self, key: Ed25519PublicKey | None) -> None:
@@ -206,16 +239,22 @@ class IdentityVerifier:
         self._pins.clear()
 
     def caller(self, token: bytes) -> Caller | Denial:
-        """The replica ``token`` identifies, or why it does not identify one (401)."""
+        """The replica (or the platform) ``token`` identifies, or why it identifies nobody (401)."""
         caller = self._callers.get(token)
         if caller is not None:
             if caller.expires > self._clock():
                 return caller
             del self._callers[token]
             return _unauthenticated("expired", "The x-clearway-identity token has expired; renew it.")
-        claims = self._decode(token, REPLICA_AUDIENCE, "x-clearway-identity token")
+        claims = self._decode(token, _IDENTITY_AUDIENCES, "x-clearway-identity token")
         if isinstance(claims, tuple):
             return _unauthenticated(*claims)
+        audience = claims["aud"]
+        if audience == PLATFORM_AUDIENCE:
+            return self._platform(token, claims)
+        if audience != REPLICA_AUDIENCE:
+            # PyJWT accepts a list naming one of ours; a token we minted never has one.
+            return _unauthenticated("invalid", "The x-clearway-identity token has an audience list; it needs one audience.")
         fields = _string_claims(claims, ("sub", "inc", "app", "rev", "comp"))
         if fields is None:
             return _unauthenticated(
@@ -243,6 +282,22 @@ class IdentityVerifier:
         _remember(self._callers, token, caller, self._max_cached)
         return caller
 
+    def _platform(self, token: bytes, claims: Mapping[str, Any]) -> Caller | Denial:
+        if claims.get("sub") != PLATFORM_SUBJECT:
+            return _unauthenticated("invalid", f"The platform token's subject is not {PLATFORM_SUBJECT!r}.")
+        caller = Caller(
+            replica=PLATFORM_SUBJECT,
+            incarnation="",
+            app="",
+            revision="",
+            component="",
+            expires=float(claims["exp"]),
+            header=PLATFORM_CALLER,
+            platform=True,
+        )
+        _remember(self._callers, token, caller, self._max_cached)
+        return caller
+
     def pin(self, token: bytes) -> PinGrant | Denial:
         """The pin ``token`` grants, or why it grants nothing."""
         grant = self._pins.get(token)
@@ -261,7 +316,7 @@ class IdentityVerifier:
         _remember(self._pins, token, grant, self._max_cached)
         return grant
 
-    def _decode(self, token: bytes, audience: str, what: str) -> dict[str, Any] | tuple[str, str]:
+    def _decode(self, token: bytes, audience: str | list[str], what: str) -> dict[str, Any] | tuple[str, str]:
         """The verified claims, or (reason, message) saying why there are none."""
         if self._key is None:
             return ("no-key", "This gateway was started without --identity-key, so it cannot verify credentials.")
@@ -293,6 +348,8 @@ def check_caller(
 ) -> Caller | Denial:
     """Decide an internal-route request carrying identity ``token`` (None: no header).
 
+    The platform passes every rule; a replica needs one of ``allow`` to accept it.
+
     ``target`` names the route in messages (``"app 'shop', path /_services/..."``).
     """
     if token is None:
@@ -302,7 +359,7 @@ def check_caller(
             "in the x-clearway-identity header.",
         )
     caller = verifier.caller(token)
-    if isinstance(caller, Denial):
+    if isinstance(caller, Denial) or caller.platform:
         return caller
     for rule in allow:
         if rule.allows(caller.app, caller.revision, caller.component):

@@ -1,17 +1,27 @@
-"""Per-revision request metrics, cheap to record and exposed via prometheus-client.
+"""Per-revision (and per-component) request metrics, cheap to record and exposed via prometheus-client.
 
 The hot path must not pay for metrics: prometheus-client's own metric objects
 take a lock on every ``inc()``/``observe()``, which is measurable at tens of
 thousands of requests per second.  The gateway is single-threaded, so it keeps
-plain integer counters in a :class:`RevisionStats` per (app, revision) - the
-router hands each request a direct reference, so recording is a few attribute
+plain integer counters in a :class:`RevisionStats` per (app, revision,
+component) - the router looks the object up when it binds a route table and
+hands each request a direct reference, so recording is a few attribute
 increments - and :class:`GatewayCollector` turns them into metric families only
 when ``/metrics`` is scraped.  prometheus-client still owns the exposition
 format.
 
+Why a component in the key: a revision runs several components, and the
+autoscaler sizes each function on its own load (requests in flight and held,
+and how many were answered).  A route names the component it reaches
+(``"component"`` in the routes file; empty for routes that do not say, such as
+a service's, which then count for their revision as before).  The public,
+``/_services`` and ``/_apps`` routes of one function share one
+:class:`RevisionStats`, since they share the key.  Everything per revision
+(``/stats`` as read by the canary analysis, ``/held``) sums over components.
+
 Requests refused by access control (401/403) are counted twice: in their
 revision's status classes like every answer, and in
-``clearway_gateway_denied_total{app,revision,reason}``, so that an operator
+``clearway_gateway_denied_total{app,revision,component,reason}``, so that an operator
 sees *why* a service is being refused and to whom (the target's revision).
 """
 
@@ -40,13 +50,15 @@ _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class RevisionStats:
-    """Counters for one (app, revision); mutated in place on the hot path."""
+    """Counters for one (app, revision, component); mutated in place on the hot path."""
 
-    __slots__ = ("app", "buckets", "by_class", "duration_sum", "held", "in_flight", "revision")
+    __slots__ = ("app", "buckets", "by_class", "component", "duration_sum", "held", "in_flight", "revision")
 
-    def __init__(self, app: str, revision: str) -> None:
+    def __init__(self, app: str, revision: str, component: str = "") -> None:
         self.app = app
         self.revision = revision
+        #: The component the routes counted here reach ("" when they do not say).
+        self.component = component
         #: Responses by status class: index 0 is 1xx ... index 4 is 5xx.
         self.by_class = [0, 0, 0, 0, 0]
         #: Non-cumulative histogram counts; the last slot is +Inf.
@@ -62,41 +74,47 @@ class RevisionStats:
         self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
 
+    @property
+    def requests(self) -> int:
+        """Requests answered so far (every status)."""
+        return sum(self.by_class)
+
 
 class Metrics:
     """All :class:`RevisionStats` of one gateway, created on first use."""
 
     def __init__(self) -> None:
-        self._stats: dict[tuple[str, str], RevisionStats] = {}
-        #: Refused requests by (app, revision, reason) of the target.
-        self.denied: dict[tuple[str, str, str], int] = {}
+        self._stats: dict[tuple[str, str, str], RevisionStats] = {}
+        #: Refused requests by (app, revision, component, reason) of the target.
+        self.denied: dict[tuple[str, str, str, str], int] = {}
         #: Requests that matched no route (404) or were malformed (400, 413).
-        self.unrouted = self.stats("", "")
+        self.unrouted = self.stats("", "", "")
 
-    def stats(self, app: str, revision: str) -> RevisionStats:
-        """The stats of (app, revision); the same object for the gateway's life."""
-        key = (app, revision)
+    def stats(self, app: str, revision: str, component: str) -> RevisionStats:
+        """The stats of (app, revision, component); the same object for the gateway's life."""
+        key = (app, revision, component)
         found = self._stats.get(key)
         if found is None:
-            found = self._stats[key] = RevisionStats(app, revision)
+            found = self._stats[key] = RevisionStats(app, revision, component)
         return found
 
-    def deny(self, app: str, revision: str, reason: str) -> None:
+    def deny(self, app: str, revision: str, component: str, reason: str) -> None:
         """Count one request refused by access control."""
-        key = (app, revision, reason)
+        key = (app, revision, component, reason)
         self.denied[key] = self.denied.get(key, 0) + 1
 
     def all(self) -> list[RevisionStats]:
         return list(self._stats.values())
 
     def traffic(self) -> dict[str, Any]:
-        """Raw counters per (app, revision), for the admin ``GET /stats``.
+        """Raw counters per (app, revision, component), for the admin ``GET /stats``.
 
         The canary analysis compares a canary's answers with its stable
         revision's over the same minutes; it needs the counters themselves (to
         subtract two readings), not Prometheus text.  Buckets stay
         non-cumulative, as kept.  Unrouted requests belong to no revision and
-        are left out.
+        are left out.  A revision's components are separate entries; whoever
+        judges the revision sums them.
         """
         return {
             "bounds": list(DURATION_BUCKETS),
@@ -104,6 +122,7 @@ class Metrics:
                 {
                     "app": stats.app,
                     "revision": stats.revision,
+                    "component": stats.component,
                     "by_class": list(stats.by_class),
                     "buckets": list(stats.buckets),
                 }
@@ -112,8 +131,31 @@ class Metrics:
             ],
         }
 
+    def load(self) -> list[dict[str, Any]]:
+        """Load per (app, revision, component), for the admin ``GET /load`` (the autoscaler).
+
+        ``in_flight`` and ``held`` are now (a held request is in flight too:
+        the gateway is answering it; like the Prometheus gauges, so
+        ``held <= in_flight``); ``requests`` is every request
+        answered so far (cumulative: the reader subtracts two readings, and one
+        that went down means the gateway restarted).  A few integers per
+        entry, read without copying the buckets: cheap to poll every second.
+        """
+        return [
+            {
+                "app": stats.app,
+                "revision": stats.revision,
+                "component": stats.component,
+                "in_flight": stats.in_flight,
+                "held": stats.held,
+                "requests": stats.requests,
+            }
+            for stats in self._stats.values()
+            if stats is not self.unrouted
+        ]
+
     def held(self) -> dict[str, int]:
-        """Held requests per revision, for the admin ``GET /held``."""
+        """Held requests per revision (summed over its components), for the admin ``GET /held``."""
         counts: dict[str, int] = {}
         for stats in self._stats.values():
             if stats.held:
@@ -137,32 +179,32 @@ class GatewayCollector(Collector):
         requests = CounterMetricFamily(
             "clearway_gateway_requests",
             "Requests answered by the gateway, by status class.",
-            labels=["app", "revision", "code"],
+            labels=["app", "revision", "component", "code"],
         )
         duration = HistogramMetricFamily(
             "clearway_gateway_request_duration_seconds",
             "Time from the request head to the end of the response.",
-            labels=["app", "revision"],
+            labels=["app", "revision", "component"],
         )
         in_flight = GaugeMetricFamily(
             "clearway_gateway_requests_in_flight",
             "Requests being proxied right now.",
-            labels=["app", "revision"],
+            labels=["app", "revision", "component"],
         )
         held = GaugeMetricFamily(
             "clearway_gateway_held_requests",
             "Requests waiting for the revision to get a ready replica.",
-            labels=["app", "revision"],
+            labels=["app", "revision", "component"],
         )
         denied = CounterMetricFamily(
             "clearway_gateway_denied",
             "Requests refused by access control (401/403), by target revision and reason.",
-            labels=["app", "revision", "reason"],
+            labels=["app", "revision", "component", "reason"],
         )
-        for (app, revision, reason), count in self._metrics.denied.items():
-            denied.add_metric([app, revision, reason], count)
+        for (app, revision, component, reason), count in self._metrics.denied.items():
+            denied.add_metric([app, revision, component, reason], count)
         for stats in self._metrics.all():
-            labels = [stats.app, stats.revision]
+            labels = [stats.app, stats.revision, stats.component]
             for name, count in zip(_CLASSES, stats.by_class, strict=True):
                 if count:
                     requests.add_metric([*labels, name], count)

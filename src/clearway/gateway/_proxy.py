@@ -28,7 +28,8 @@ HTTP decisions worth knowing:
 * Trust headers never reach an app: ``x-clearway-identity``,
   ``x-clearway-pin-token`` and the pin header are stripped, and
   ``x-clearway-caller`` is set by the gateway on internal routes (the verified
-  caller) and removed on public ones.  Who may call what is decided in
+  caller: ``app/revision/component``, or ``platform`` for the control plane,
+  which passes every allow rule) and removed on public ones.  Who may call what is decided in
   ``_identity.py``; this module only feeds it header values.
 * Pins: a request may name its revision, with the pin header or a
   ``clearway-revision`` cookie.  A revision the route gives a share of its
@@ -691,7 +692,7 @@ class ClientConnection(asyncio.Protocol):
         self._head = b"".join(parts)
 
         if target is None:
-            self._stats = self._ctx.metrics.stats(route.app, "")
+            self._stats = self._ctx.metrics.stats(route.app, "", route.component)
             self._stats.in_flight += 1
             self._respond_error(
                 503,
@@ -1059,9 +1060,11 @@ class ClientConnection(asyncio.Protocol):
         revision = target.revision if target is not None else ""
         if self._stats is not None:
             self._stats.in_flight -= 1
-        stats = self._stats = target.stats if target is not None else self._ctx.metrics.stats(route.app, "")
+        stats = self._stats = (
+            target.stats if target is not None else self._ctx.metrics.stats(route.app, "", route.component)
+        )
         stats.in_flight += 1
-        self._ctx.metrics.deny(route.app, revision, denial.reason)
+        self._ctx.metrics.deny(route.app, revision, route.component, denial.reason)
         self._respond_error(denial.status, denial.message, _WWW_AUTHENTICATE if denial.status == 401 else b"")
 
     def _respond_error(self, status: int, message: str, extra_headers: bytes = b"") -> None:

@@ -2,7 +2,8 @@
 
 A :class:`RouteTable` is plain data; a :class:`Router` is the same table bound
 to one gateway's live objects - the :class:`Endpoint` pools and the
-:class:`RevisionStats` counters - and indexed so that a request costs one dict
+:class:`RevisionStats` counters of each (app, revision, component), looked up
+here once per reload so that a request never looks them up - and indexed so that a request costs one dict
 lookup on its Host plus a short scan of that host's prefixes, longest first.
 A reload builds a new Router and swaps one reference, so a request never sees
 half a table.
@@ -62,6 +63,7 @@ class BoundRoute:
         "_weighted_by_name",
         "allow",
         "app",
+        "component",
         "description",
         "internal",
         "pin_header",
@@ -75,6 +77,7 @@ class BoundRoute:
     def __init__(self, route: Route, targets: list[BoundTarget], rng: random.Random) -> None:
         self.route = route
         self.app = route.app
+        self.component = route.component
         self.internal = route.internal
         self.allow = route.allow
         #: How error messages name this route.
@@ -198,7 +201,7 @@ class Router:
                     t.revision,
                     t.weight,
                     [endpoints.get(address) for address in dict.fromkeys(t.endpoints)],
-                    metrics.stats(route.app, t.revision),
+                    metrics.stats(route.app, t.revision, route.component),
                 )
                 for t in route.targets
             ]

@@ -19,6 +19,12 @@ only while its (replica, incarnation) pair is in the table the gateway serves,
 so removing a stopped replica from the table revokes its token at once,
 without waiting for the token to expire.
 
+A route may name the ``component`` its targets run (a function's name, say;
+empty when it does not say).  It changes no routing: the gateway counts the
+route's requests per (app, revision, component) instead of per (app,
+revision), which is what the autoscaler reads to size each function on its own
+load (``GET /load`` on the admin socket).
+
 Endpoints are ``"unix:/abs/path.sock"`` (replicas listen only on Unix sockets
 that the platform's user may open, so nothing can reach them around the
 gateway's checks) or ``"host:port"`` (kept for tests and benchmarks).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +49,8 @@ ROUTES_VERSION = 1
 #: Longest path a Unix socket address can hold on Linux (``sun_path`` is 108
 #: bytes including the terminating NUL).
 MAX_UNIX_PATH_BYTES = 107
+#: What a route's component looks like (it becomes a metrics label and a JSON field).
+_COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class RoutesError(ClearwayError):
@@ -93,6 +102,9 @@ class Route:
     internal: bool = False
     #: Who may call an internal route (empty: nobody). Only for internal routes.
     allow: tuple[AllowRule, ...] = ()
+    #: The component the targets run; requests are counted per (app, revision,
+    #: component). Empty: not said (counted for the revision as a whole).
+    component: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +160,7 @@ class RouteTable:
                     "timeout": r.timeout,
                     "pin_header": r.pin_header,
                     "internal": r.internal,
+                    "component": r.component,
                     **(
                         {"allow": [{"app": a.app, "revision": a.revision, "component": a.component} for a in r.allow]}
                         if r.internal
@@ -213,6 +226,11 @@ def _route(data: Any, where: str) -> Route:
     host = _str(data.get("host"), f"{where}.host").lower().strip(".")
     if not host:
         raise RoutesError(f"{where}.host must not be empty")
+    component = _str(data.get("component", ""), f"{where}.component")
+    if component and not _COMPONENT.fullmatch(component):
+        raise RoutesError(
+            f"{where}.component must be a component name (letters, digits, '.', '_', '-'), got {component!r}"
+        )
     return Route(
         app=_str(data.get("app"), f"{where}.app"),
         host=host,
@@ -223,6 +241,7 @@ def _route(data: Any, where: str) -> Route:
         pin_header=_str(data.get("pin_header", "x-clearway-revision"), f"{where}.pin_header").lower(),
         internal=internal,
         allow=allow,
+        component=component,
     )
 
 

@@ -26,6 +26,7 @@ Modules, one concept each::
     logs          tail, follow and read across rotation; copytruncate for platform logs
     clock         injected time
     interface     ASGI/WSGI detection
+    functions     the function server: function_app, the ASGI app of a function replica
     exit_codes    what a replica's exit code means
     replica       the replica process's entry point (not imported here: it is run with -m)
 """

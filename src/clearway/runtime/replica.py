@@ -13,6 +13,9 @@ code snapshot and runs one component:
   ``uvicorn.Server.run(sockets=...)``.
   On SIGTERM uvicorn stops accepting, lets in-flight requests finish for most
   of the grace period, runs the app's lifespan shutdown and exits 0.
+* a **function** is served the same way, with the web app built by
+  `clearway.runtime.functions.function_app` from the function and its
+  ``FunctionSpec`` (found in the loaded app by the component's name).
 * a **worker** function is called (``async def`` ones under ``asyncio.run``);
   SIGTERM raises ``SystemExit(0)`` in it, so ``finally`` blocks and context
   managers run. A worker that returns has exited (code 0) and is restarted.
@@ -52,6 +55,7 @@ import uvicorn
 
 from clearway.exceptions import AppLoadError, SpecError
 from clearway.runtime.exit_codes import ExitCode
+from clearway.runtime.functions import function_app
 from clearway.runtime.interface import BadAppObject, as_asgi
 from clearway.runtime.spec import (
     LISTEN_FD_ENV_VAR,
@@ -61,6 +65,7 @@ from clearway.runtime.spec import (
     ReplicaSpec,
 )
 from clearway.sdk.loader import load_app
+from clearway.spec.model import FunctionSpec
 
 __all__ = ["TokenRenewer", "main", "token_lifetime"]
 
@@ -113,6 +118,17 @@ def main() -> int:
         return _serve(
             component.target, interface=spec.interface, grace=spec.grace_period, listen_fd=listen_fd
         )
+    if spec.kind == "function":
+        if not isinstance(component.spec, FunctionSpec):
+            _say(f"component {spec.component!r} is a {component.spec.kind}, not a function")
+            return ExitCode.BAD_COMPONENT
+        try:
+            asgi = function_app(component.target, component.spec)
+        except Exception:
+            _say(f"cannot serve function {spec.component!r}:")
+            traceback.print_exc()
+            return ExitCode.APP_LOAD
+        return _run_server(asgi, grace=spec.grace_period, listen_fd=int(os.environ[LISTEN_FD_ENV_VAR]))
     return _work(component.target)
 
 
@@ -128,6 +144,11 @@ def _serve(target: Callable[[], Any], *, interface: Interface, grace: float, lis
     except BadAppObject as error:
         _say(str(error))
         return ExitCode.BAD_COMPONENT
+    return _run_server(asgi, grace=grace, listen_fd=listen_fd)
+
+
+def _run_server(asgi: Any, *, grace: float, listen_fd: int) -> int:
+    """Serve ``asgi`` with uvicorn on the inherited listening socket until SIGTERM."""
     # socket(fileno=...) detects the family (AF_UNIX) from the fd itself.
     sock = socket.socket(fileno=listen_fd)
     config = uvicorn.Config(

@@ -51,7 +51,7 @@ INCARNATION_ENV_VAR = "CLEARWAY_REPLICA_INCARNATION"
 
 _PATH_FIELDS = ("code_dir", "workdir", "log_path")
 
-Kind = Literal["service", "worker"]
+Kind = Literal["service", "worker", "function"]
 Interface = Literal["auto", "asgi", "wsgi"]
 
 
@@ -98,7 +98,7 @@ class ReplicaSpec:
     hide: tuple[Path, ...] = ()
     """Host paths replaced by an empty tmpfs in the replica's view (the platform home)."""
     socket_path: Path | None = None
-    """Services: the unix socket the supervisor binds and passes as fd 3 (< 108 bytes)."""
+    """Services and functions: the unix socket the supervisor binds and passes as fd 3 (< 108 bytes)."""
     network: bool = True
     """With ``sandbox``: False gives the replica an empty network namespace."""
 

@@ -187,7 +187,7 @@ class _Replica:
             os.chown(spec.workdir, spec.uid, gid)
             spec.workdir.chmod(0o700)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if spec.kind == "service":
+        if spec.kind != "worker":  # services and functions listen
             if spec.socket_path is None:
                 raise RuntimeStartError(
                     f"service replica {spec.replica_id} has no socket_path: the platform must "
@@ -212,7 +212,7 @@ class _Replica:
 
     def ensure_listener(self) -> None:
         """After an adopted process ended: bind its socket path again for the next."""
-        if self.spec.kind != "service" or self.listener is not None:
+        if self.spec.kind == "worker" or self.listener is not None:
             return
         assert self.spec.socket_path is not None
         self.listener = _listen_unix(self.spec.socket_path)
@@ -326,7 +326,7 @@ class _Replica:
         assert self.watch is not None
         spec, probes = self.spec, self.supervisor.config.probes
         exited = self.watch.exited
-        if spec.kind == "service":
+        if spec.kind != "worker":  # services and functions listen
             assert spec.socket_path is not None
             winner, result = await self._race(
                 exited, self._await_ready(spec.socket_path), name=f"readiness:{spec.replica_id}"
@@ -356,7 +356,7 @@ class _Replica:
                 return self._ended_by_itself(was_ready=False)
         self.tracker.became_ready()
         self.update(state=ReplicaState.READY)
-        if spec.kind == "service":
+        if spec.kind != "worker":  # services and functions listen
             assert spec.socket_path is not None
             winner, result = await self._race(
                 exited,

@@ -2,7 +2,10 @@
 
 Each decorator validates its arguments at once and raises ``SpecError`` that
 points at the decorator's line in the user's file, because that is where the
-fix goes. The decorated function is returned unchanged.
+fix goes. ``@app.service`` and ``@app.worker`` return the decorated function
+unchanged; ``@app.function`` returns a ``Function`` handle, which calls the
+function when called and adds ``.remote()``, ``.spawn()`` and ``.map()``
+(`clearway.sdk.functions`): nothing happens until one of those is called.
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from pydantic import ValidationError
 
 from clearway.exceptions import SpecError
+from clearway.sdk.functions import Function
 from clearway.spec.ids import check_name
 from clearway.spec.model import (
     AppSpec,
     CanaryPolicy,
+    FunctionSpec,
     Interface,
+    ScheduleSpec,
     ServiceSpec,
     SmokeCheck,
     SourceLocation,
@@ -27,13 +33,15 @@ from clearway.spec.model import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def describe_validation_error(error: ValidationError) -> str:
     """Turn pydantic's report into one line per problem, naming the argument."""
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"] if p not in ("service", "worker"))
+        where = ".".join(str(p) for p in item["loc"] if p not in ("service", "worker", "function"))
         message = str(item["msg"]).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
@@ -51,12 +59,12 @@ def _caller(depth: int) -> SourceLocation | None:
 class Component:
     """One declared component: its spec and the user's function (``target``)."""
 
-    spec: ServiceSpec | WorkerSpec
+    spec: ServiceSpec | WorkerSpec | FunctionSpec
     target: Callable[..., Any]
 
 
 class App:
-    """An app: a named set of services and workers.
+    """An app: a named set of services, workers and functions.
 
     >>> app = App("hello")
     >>> @app.service(replicas=2, public=True)
@@ -178,6 +186,76 @@ class App:
 
         return record
 
+    def function(
+        self,
+        *,
+        http: str | None = None,
+        events: str | Sequence[str] = (),
+        schedule: ScheduleSpec | None = None,
+        max_concurrency: int = 8,
+        min_replicas: int = 0,
+        max_replicas: int = 10,
+        timeout: float = 60.0,
+        idle_timeout: float = 60.0,
+        retries: int = 3,
+        memory_mb: int | None = None,
+        cpu: float | None = None,
+        sandbox: bool = False,
+        network: bool = True,
+        env: Mapping[str, str] | None = None,
+        allow: Sequence[str] = (),
+        startup_timeout: float = 60.0,
+        grace_period: float = 10.0,
+        name: str | None = None,
+    ) -> Callable[[Callable[P, R]], Function[P, R]]:
+        """Declare a function: called per HTTP request, CloudEvent or schedule, and
+        run on as many replicas as its load needs.
+
+        Its parameters come from a JSON object (or the query string of a GET) and
+        are validated against their annotations; it returns anything JSON can
+        carry, or a ``cw.Response``. ``http="/resize"`` routes that public path to
+        it; ``events=["com.example.order.created"]`` makes it receive those
+        CloudEvent types (as a ``cw.CloudEvent`` argument); ``schedule=cw.Cron(...)``
+        or ``cw.Every(seconds)`` runs it on its own. It scales between
+        ``min_replicas`` (0: none when idle for ``idle_timeout`` seconds) and
+        ``max_replicas``, aiming at ``max_concurrency`` requests in flight per
+        replica. ``retries`` is for durable invocations (spawned, events, schedules).
+        """
+        location = _caller(1)
+        where = str(location) if location else None
+        if schedule is not None and not isinstance(schedule, ScheduleSpec):
+            raise SpecError(
+                f"schedule={schedule!r}: pass cw.Cron('*/5 * * * *') or cw.Every(seconds)", location=where
+            )
+
+        def record(func: Callable[P, R]) -> Function[P, R]:
+            spec = self._record(
+                FunctionSpec,
+                func,
+                location,
+                name=name or getattr(func, "__name__", ""),
+                http=http,
+                events=[events] if isinstance(events, str) else list(events),
+                schedule=schedule,
+                max_concurrency=max_concurrency,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                timeout=timeout,
+                idle_timeout=idle_timeout,
+                retries=retries,
+                env=dict(env or {}),
+                resources={"memory_mb": memory_mb, "cpu": cpu},
+                sandbox=sandbox,
+                network=network,
+                grace_period=grace_period,
+                startup_timeout=startup_timeout,
+                allow=list(allow),
+            )
+            assert isinstance(spec, FunctionSpec)
+            return Function(func, spec, app=self.name)
+
+        return record
+
     def smoke_check(self, func: F) -> F:
         """Declare a smoke check: ``func(http)`` runs against a canary before it gets
         any traffic, and a failure (any exception, e.g. a failed ``assert``) rolls it back.
@@ -200,11 +278,11 @@ class App:
 
     def _record(
         self,
-        model: type[ServiceSpec] | type[WorkerSpec],
+        model: type[ServiceSpec] | type[WorkerSpec] | type[FunctionSpec],
         func: Callable[..., Any],
         location: SourceLocation | None,
         **fields: Any,
-    ) -> None:
+    ) -> ServiceSpec | WorkerSpec | FunctionSpec:
         where = str(location) if location else None
         if not callable(func):
             raise SpecError(f"@app.{model.model_fields['kind'].default} must decorate a function", location=where)
@@ -222,6 +300,7 @@ class App:
                 location=where,
             )
         self.components[spec.name] = Component(spec=spec, target=func)
+        return spec
 
     def spec(self) -> AppSpec:
         """The declarative spec of this app (validated as a whole)."""

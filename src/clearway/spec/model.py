@@ -6,6 +6,13 @@ JSON Schema, so the three can never drift apart.
 
 Names are DNS labels because they become host names (``<app>.localhost``) here
 and object names on Kubernetes later.
+
+Cron expressions are checked here only for their shape (five fields, known
+characters, numbers in range): the spec package stays free of croniter, which
+only the control plane needs. croniter, in the control plane's scheduler
+(``control/schedules.py``), is the authority: an expression that passes here
+but that croniter refuses is to fail the deploy with croniter's own message,
+never to reach a running schedule.
 """
 
 from __future__ import annotations
@@ -32,6 +39,22 @@ def check_env(value: dict[str, str]) -> dict[str, str]:
         check_env_name(key)
         if "\0" in item:
             raise ValueError(f"environment variable {key!r} contains a NUL byte")
+    return value
+
+
+def _check_path(value: str) -> str:
+    if not value.startswith("/") or "?" in value or "#" in value or " " in value:
+        raise ValueError(f"path {value!r} must be a URL path starting with '/', like '/api'")
+    return value.rstrip("/") or "/"
+
+
+def _check_allow(value: list[str]) -> list[str]:
+    for item in value:
+        if not isinstance(item, str) or not _CALLER.fullmatch(item):
+            raise ValueError(
+                f"allow entry {item!r} must be 'app' or 'app.component' "
+                "(lowercase names, e.g. 'billing' or 'billing.api')"
+            )
     return value
 
 
@@ -96,20 +119,12 @@ class ServiceSpec(_Component):
     @field_validator("allow")
     @classmethod
     def _allow(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if not isinstance(item, str) or not _CALLER.fullmatch(item):
-                raise ValueError(
-                    f"allow entry {item!r} must be 'app' or 'app.component' "
-                    "(lowercase names, e.g. 'billing' or 'billing.api')"
-                )
-        return value
+        return _check_allow(value)
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        if not value.startswith("/") or "?" in value or "#" in value or " " in value:
-            raise ValueError(f"path {value!r} must be a URL path starting with '/', like '/api'")
-        return value.rstrip("/") or "/"
+        return _check_path(value)
 
     @field_validator("health")
     @classmethod
@@ -126,7 +141,150 @@ class WorkerSpec(_Component):
     startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
 
 
-ComponentSpec = Annotated[ServiceSpec | WorkerSpec, Field(discriminator="kind")]
+#: Cron's five fields, in order: (name, lowest, highest, names accepted for numbers).
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day-of-month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    # 7 is Sunday too, as in Vixie cron and croniter.
+    ("day-of-week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+#: The shorthands croniter understands for whole expressions.
+_CRON_ALIASES = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
+#: One item of a field: ``*``, ``?``, ``5``, ``1-5``, ``mon-fri``, each with an optional ``/step``.
+_CRON_ITEM = re.compile(r"(?:(?P<any>[*?])|(?P<low>[0-9a-z]+)(?:-(?P<high>[0-9a-z]+))?)(?:/(?P<step>[0-9]+))?")
+#: croniter's extensions of the day fields: L (last day, last given weekday),
+#: W (nearest weekday) and # (nth weekday of the month), e.g. ``L``, ``15W``, ``L5``, ``5#3``.
+_CRON_DAY_EXTENSIONS = {
+    "day-of-month": re.compile(r"l|[0-9]{1,2}w"),
+    "day-of-week": re.compile(r"l[0-7]|[0-7]#[1-5]"),
+}
+
+
+def _cron_number(text: str, field: str, low: int, high: int, names: tuple[str, ...]) -> int:
+    number = names.index(text) + low if text in names else int(text) if text.isdigit() else None
+    if number is None:
+        raise ValueError(f"{field} field: {text!r} is not a number" + (f" or a name ({', '.join(names)})" if names else ""))
+    if not low <= number <= high:
+        raise ValueError(f"{field} field: {number} is out of range {low}-{high}")
+    return number
+
+
+def check_cron(expression: str) -> str:
+    """The shape of a 5-field cron expression (see the module docstring for why only the shape)."""
+    fields = expression.lower().split()
+    if len(fields) == 1 and fields[0] in _CRON_ALIASES:
+        return expression
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron expression {expression!r} has {len(fields)} field(s); it needs 5: "
+            "minute hour day-of-month month day-of-week, e.g. '*/5 * * * *' (every 5 minutes)"
+        )
+    for text, (field, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in text.split(","):
+            extension = _CRON_DAY_EXTENSIONS.get(field)
+            if extension is not None and extension.fullmatch(item):
+                continue
+            match = _CRON_ITEM.fullmatch(item)
+            if match is None:
+                raise ValueError(f"cron expression {expression!r}: {field} field: cannot read {item!r}")
+            if match["step"] is not None and int(match["step"]) == 0:
+                raise ValueError(f"cron expression {expression!r}: {field} field: a step must be at least 1")
+            try:
+                # A range may wrap around ('fri-mon'), as croniter allows.
+                for bound in (match["low"], match["high"]):
+                    if bound is not None:
+                        _cron_number(bound, field, low, high, names)
+            except ValueError as error:
+                raise ValueError(f"cron expression {expression!r}: {error}") from None
+    return expression
+
+
+class ScheduleSpec(_Strict):
+    """When a function runs on its own: a cron expression or a fixed interval (exactly one).
+
+    ``cw.Cron("*/5 * * * *")`` and ``cw.Every(30)`` build one. Fires missed while
+    the control plane was down are coalesced into one run when it comes back.
+    """
+
+    cron: str | None = None
+    """Five fields: minute hour day-of-month month day-of-week (read in UTC)."""
+    every: Annotated[float, Field(ge=1, le=31_622_400)] | None = None
+    """Seconds between runs (at least 1)."""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ScheduleSpec:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("a schedule needs exactly one of cron= and every=, e.g. cw.Cron('0 * * * *') or cw.Every(60)")
+        return self
+
+
+class FunctionSpec(_Component):
+    """A function: called per request, per event or on a schedule, with replicas
+    started on demand between ``min_replicas`` and ``max_replicas``.
+
+    ``replicas`` (from the common fields) is not used: the autoscaler decides.
+    """
+
+    kind: Literal["function"] = "function"
+    http: str | None = None
+    """A public path on the app's host that calls it (like ``ServiceSpec.path``); None: none."""
+    events: list[str] = Field(default_factory=list)
+    """The CloudEvent types it receives (``type`` attribute, matched exactly)."""
+    schedule: ScheduleSpec | None = None
+    max_concurrency: Annotated[int, Field(ge=1, le=1000)] = 8
+    """In-flight requests per replica the autoscaler aims at (the replica does not enforce it)."""
+    min_replicas: Annotated[int, Field(ge=0, le=1000)] = 0
+    """0: scales to zero when idle."""
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 10
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Seconds one invocation may take; past it the caller gets a 504."""
+    idle_timeout: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    """Seconds without requests after which it scales down to ``min_replicas``."""
+    retries: Annotated[int, Field(ge=0, le=100)] = 3
+    """Extra attempts of a durable invocation (spawned, event, schedule) that failed."""
+    startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    allow: list[str] = Field(default_factory=list)
+    """Who else may call it through its internal URL, as ``ServiceSpec.allow``."""
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: list[str]) -> list[str]:
+        return _check_allow(value)
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        return None if value is None else _check_path(value)
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not isinstance(item, str) or not item.strip() or item != item.strip():
+                raise ValueError(
+                    f"event type {item!r} must be a non-empty string without surrounding spaces, "
+                    "like 'com.example.order.created'"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> FunctionSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}): "
+                "lower min_replicas or raise max_replicas"
+            )
+        return self
+
+
+ComponentSpec = Annotated[ServiceSpec | WorkerSpec | FunctionSpec, Field(discriminator="kind")]
 
 
 class CanaryPolicy(_Strict):
@@ -216,9 +374,17 @@ class AppSpec(_Strict):
                         f"{comp.path!r}: give one of them another path= prefix"
                     )
                 paths[comp.path] = comp.name
+        for fn in self.functions:
+            if fn.http is not None and fn.http in paths:
+                raise ValueError(
+                    f"function {fn.name!r} (http={fn.http!r}) and {paths[fn.http]!r} both claim path "
+                    f"{fn.http!r}: give the function another http= path"
+                )
+            if fn.http is not None:
+                paths[fn.http] = fn.name
         return self
 
-    def component(self, name: str) -> ServiceSpec | WorkerSpec:
+    def component(self, name: str) -> ServiceSpec | WorkerSpec | FunctionSpec:
         for comp in self.components:
             if comp.name == name:
                 return comp
@@ -227,6 +393,15 @@ class AppSpec(_Strict):
     @property
     def services(self) -> list[ServiceSpec]:
         return [c for c in self.components if isinstance(c, ServiceSpec)]
+
+    @property
+    def functions(self) -> list[FunctionSpec]:
+        return [c for c in self.components if isinstance(c, FunctionSpec)]
+
+    @property
+    def listeners(self) -> list[ServiceSpec | FunctionSpec]:
+        """The components that serve HTTP on a socket: services and functions."""
+        return [c for c in self.components if isinstance(c, ServiceSpec | FunctionSpec)]
 
 
 def json_schema() -> dict[str, Any]:

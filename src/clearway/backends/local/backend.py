@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from clearway.backends.base import (
+    ComponentLoad,
     ComponentObservation,
     DesiredState,
     ReplicaInfo,
@@ -58,9 +59,10 @@ from clearway.runtime import (
     rotate_log,
     tail_log,
 )
+from clearway.runtime.functions import HEALTH_PATH as FUNCTION_HEALTH_PATH
 from clearway.spec.ids import branch_label, commit_label
 from clearway.spec.ids import replica_id as make_replica_id
-from clearway.spec.model import AppSpec, ServiceSpec
+from clearway.spec.model import AppSpec, FunctionSpec, ServiceSpec
 
 log = logging.getLogger("clearway.backends.local")
 
@@ -223,12 +225,13 @@ class LocalBackend:
         gateway_url = f"http://{INTERNAL_HOST}:{self.config.gateway_port}"
         env = {**workload.env, **comp.env, **self.config.extra_env}
         env["CLEARWAY_GATEWAY_URL"] = gateway_url
-        for service in workload.spec.services:
+        for service in _listeners(workload.spec):
             variable = "CLEARWAY_SERVICE_" + service.name.upper().replace("-", "_") + "_URL"
             env[variable] = f"{gateway_url}{INTERNAL_PREFIX}/{workload.revision}/{service.name}"
         if self.config.control_url:
             env["CLEARWAY_CONTROL_URL"] = self.config.control_url
         is_service = isinstance(comp, ServiceSpec)
+        is_function = isinstance(comp, FunctionSpec)
         socket_name = hashlib.sha256(replica_id.encode()).hexdigest()[:20] + ".sock"
         return ReplicaSpec(
             replica_id=replica_id,
@@ -236,14 +239,14 @@ class LocalBackend:
             revision=workload.revision,
             component=component,
             index=index,
-            kind="service" if is_service else "worker",
+            kind="service" if is_service else "function" if is_function else "worker",
             code_dir=self.artifacts.code_dir(workload.app, workload.artifact),
             app_file=workload.app_file,
             python=self.artifacts.python(workload.artifact),
             workdir=self.home / "replicas" / replica_id,
             log_path=self.home / "logs" / workload.app / f"{replica_id}.log",
             env=env,
-            health_path=comp.health if isinstance(comp, ServiceSpec) else None,
+            health_path=comp.health if isinstance(comp, ServiceSpec) else FUNCTION_HEALTH_PATH if is_function else None,
             interface=comp.interface if isinstance(comp, ServiceSpec) else "auto",
             grace_period=comp.grace_period,
             memory_mb=comp.resources.memory_mb,
@@ -254,7 +257,7 @@ class LocalBackend:
             uid=workload.uid,
             gid=workload.uid,
             hide=(self.home, self.sockets_dir),
-            socket_path=self.sockets_dir / socket_name if is_service else None,
+            socket_path=self.sockets_dir / socket_name if is_service or is_function else None,
         )
 
     def _gateway_exited(self) -> None:
@@ -372,8 +375,8 @@ class LocalBackend:
                 workload = self._workloads.get(target.revision)
                 if workload is None:
                     continue
-                for service in workload.spec.services:
-                    if not service.public:
+                for service in _listeners(workload.spec):
+                    if service.path is None:
                         continue
                     route = routes.setdefault(
                         (host, service.path),
@@ -384,6 +387,7 @@ class LocalBackend:
                             "strip_prefix": False,
                             "timeout": service.timeout,
                             "pin_header": PIN_HEADER,
+                            **service.labels,
                             "targets": [],
                         },
                     )
@@ -396,7 +400,7 @@ class LocalBackend:
                     )
         internal: list[dict[str, Any]] = []
         for workload in sorted(self._workloads.values(), key=lambda w: w.revision):
-            for service in workload.spec.services:
+            for service in _listeners(workload.spec):
                 # Its own revision may always call it; others only as the spec allows.
                 allow = [{"app": workload.app, "revision": workload.revision, "component": None}]
                 allow += [_allow_rule(entry) for entry in service.allow]
@@ -408,6 +412,7 @@ class LocalBackend:
                         "strip_prefix": True,
                         "timeout": service.timeout,
                         "pin_header": PIN_HEADER,
+                        **service.labels,
                         "internal": True,
                         "allow": allow,
                         "targets": [
@@ -426,7 +431,7 @@ class LocalBackend:
                 workload = self._workloads.get(target.revision)
                 if workload is None:
                     continue
-                for service in workload.spec.services:
+                for service in _listeners(workload.spec):
                     route = by_service.setdefault(
                         service.name,
                         {
@@ -436,6 +441,7 @@ class LocalBackend:
                             "strip_prefix": True,
                             "timeout": service.timeout,
                             "pin_header": PIN_HEADER,
+                            **service.labels,
                             "internal": True,
                             "allow": [{"app": app, "revision": None, "component": None}],
                             "targets": [],
@@ -545,9 +551,9 @@ class LocalBackend:
             hosts += [f"{commit_label(commit)}.{spec.name}"] if commit is not None else []
         urls = []
         for host in hosts:
-            for service in spec.services:
-                if service.public:
-                    path = service.path if service.path.endswith("/") else service.path + "/"
+            for listener in _listeners(spec):
+                if listener.path is not None:
+                    path = listener.path if listener.path.endswith("/") else listener.path + "/"
                     urls.append(f"http://{host}.{self.config.domains[0]}{port}{path}")
         return urls
 
@@ -594,6 +600,40 @@ class LocalBackend:
     async def traffic(self) -> Mapping[str, TrafficSample]:
         """The gateway's request counters per revision (for the canary analysis); {} if it does not answer."""
         return await self.gateway.stats()
+
+    async def load(self) -> list[ComponentLoad]:
+        """The gateway's load per (app, revision, component) (for the autoscaler); [] if it does not answer."""
+        return await self.gateway.load()
+
+
+#: Seconds the gateway's timeout for a function exceeds the function's own.
+FUNCTION_TIMEOUT_MARGIN = 5.0
+
+
+@dataclass(frozen=True)
+class _Listener:
+    """A component the gateway routes to: a service, or a function (which has its own counters)."""
+
+    name: str
+    #: The public path prefix; None: reachable through internal routes only.
+    path: str | None
+    timeout: float
+    allow: list[str]
+    #: Extra route fields: a function's routes name it, so the gateway counts its load apart.
+    labels: dict[str, str]
+
+
+def _listeners(spec: AppSpec) -> list[_Listener]:
+    found = [
+        _Listener(s.name, s.path if s.public else None, s.timeout, s.allow, {}) for s in spec.services
+    ]
+    found += [
+        # The gateway waits a little longer than the function's own timeout, so that the
+        # function's 504 (which carries an error id) is what the caller gets.
+        _Listener(f.name, f.http, f.timeout + FUNCTION_TIMEOUT_MARGIN, f.allow, {"component": f.name})
+        for f in spec.functions
+    ]
+    return found
 
 
 def _allow_rule(entry: str) -> dict[str, str | None]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from clearway.backends.base import TrafficSample
+from clearway.backends.base import ComponentLoad, TrafficSample
 from clearway.exceptions import RuntimeStartError
 from clearway.runtime.process import ProcessWatch, is_alive, read_start_time
 
@@ -233,6 +233,25 @@ class GatewayProcess:
             log.warning("cannot read the gateway's traffic statistics: %s", exc)
             return {}
         return samples
+
+    async def load(self) -> list[ComponentLoad]:
+        """Requests in flight, held and answered per (app, revision, component) (``GET /load``).
+
+        [] if the gateway does not answer (logged): the autoscaler then sees
+        no load, and it must treat "no reading" as unknown, not as idle.
+        Entries for requests that found no revision to go to are left out.
+        """
+        try:
+            response = await self._client.get("/load")
+            response.raise_for_status()
+            data = response.json()
+            if not isinstance(data, list):
+                raise ValueError(f"expected a list, got {type(data).__name__}")
+            loads = [ComponentLoad.from_json(entry) for entry in data]
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("cannot read the gateway's load: %s", exc)
+            return []
+        return [load for load in loads if load.revision]
 
     async def stop(self) -> None:
         pid = self.pid
