@@ -170,4 +170,17 @@ async def test_hold_times_out_with_503(start_gateway: GatewayFactory, client: ht
     assert r.status_code == 503
     assert "became ready within 0.2 s" in r.text
     assert r.headers["content-type"].startswith("text/plain")
+    assert r.headers["retry-after"] == "1"
+
+
+@pytest.mark.timeout(10)
+async def test_a_flood_at_zero_replicas_is_bounded(start_gateway: GatewayFactory, client: httpx.AsyncClient) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True, max_held=2, hold_timeout=5)
+    held = [asyncio.create_task(client.get(f"{gw.url}/", headers={"host": "cold.localhost"})) for _ in range(2)]
+    await until(lambda: gw.held() == {"cold-1": 2})
+    over = await client.get(f"{gw.url}/", headers={"host": "cold.localhost"})
+    assert over.status_code == 503 and over.headers["retry-after"] == "1"
+    assert "already has 2 requests waiting" in over.text
+    for task in held:
+        task.cancel()
 

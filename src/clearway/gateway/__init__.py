@@ -2,7 +2,9 @@
 
 One asyncio process (uvloop + httptools, no framework) that routes requests by
 Host and path prefix to replica processes, splits traffic between revisions by
-weight, holds requests for revisions with no ready replica, and exposes metrics,
+weight, holds requests for revisions with no ready replica (a scale from zero;
+at most ``max_held`` per revision, for at most ``hold_timeout``, then 503 with
+``Retry-After``), and exposes metrics,
 load per component (for the autoscaler) and its route generation on an admin
 Unix socket.
 

@@ -142,6 +142,9 @@ _REQUEST_SPECIAL = frozenset(
         IDENTITY_HEADER, PIN_TOKEN_HEADER, CALLER_HEADER, b"x-clearway-revision",
     }
 )
+#: On a 503 for a revision that is starting: when to try again (seconds).
+_RETRY_SOON = b"retry-after: 1\r\n"
+
 #: The default pin header; a route may name another (then it is removed separately).
 _DEFAULT_PIN = b"x-clearway-revision"
 #: What a Cookie header must contain to be parsed for a pin (most never are).
@@ -767,6 +770,15 @@ class ClientConnection(asyncio.Protocol):
         while True:
             if not target.endpoints and not ctx.closing:
                 stats = target.stats
+                if stats.held >= self._settings.max_held:
+                    self._task = None
+                    self._respond_error(
+                        503,
+                        f"App {route.app!r} (revision {target.revision}) is starting and already has "
+                        f"{stats.held} requests waiting for it; retry in a moment.",
+                        _RETRY_SOON,
+                    )
+                    return
                 stats.held += 1
                 try:
                     changed = await ctx.changes.wait(hold_deadline - self._loop.time())
@@ -778,6 +790,7 @@ class ClientConnection(asyncio.Protocol):
                         503,
                         f"No replica of app {route.app!r} (revision {target.revision}) became ready "
                         f"within {self._settings.hold_timeout:g} s. Check `clearway status` and the app's logs.",
+                        _RETRY_SOON,
                     )
                     return
                 new_route = ctx.router.match(self._hostkey, self._path)

@@ -25,6 +25,9 @@ class GatewaySettings:
     connect_timeout: float = 5.0
     #: How long a request waits for a revision that has no ready replica.
     hold_timeout: float = 30.0
+    #: Requests held at once per revision (a flood at zero replicas); the next
+    #: ones get a 503 with ``Retry-After`` at once rather than piling up.
+    max_held: int = 1000
     #: How long ``close()`` lets in-flight requests finish before cutting them.
     shutdown_grace: float = 10.0
     #: Request line plus headers larger than this get a 413.
