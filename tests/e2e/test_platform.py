@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,9 +19,21 @@ from tests.e2e.platform import EXAMPLES, Gate, Load, Platform, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-def test_hello_example_answers_on_its_url_from_every_replica(platform: Platform) -> None:
-    result = platform.cli("deploy", str(EXAMPLES / "hello"))
-    assert f"http://hello.localhost:{platform.port}/" in result.stdout, result
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """One platform for the tests that only deploy apps of their own (each its own
+    name); tests that kill, stop or restart parts of the platform get their own."""
+    running = Platform(home=tmp_path_factory.mktemp("shared") / "home", port=free_port())
+    running.up()
+    try:
+        yield running
+    finally:
+        running.down()
+
+
+def test_hello_example_answers_on_its_url_from_every_replica(shared: Platform) -> None:
+    result = shared.cli("deploy", str(EXAMPLES / "hello"))
+    assert f"http://hello.localhost:{shared.port}/" in result.stdout, result
 
     # The load is spread over the three replicas: each answers within a bounded
     # number of requests (30 at least; up to 300, since a route-table reload while
@@ -28,52 +41,52 @@ def test_hello_example_answers_on_its_url_from_every_replica(platform: Platform)
     # is never picked still fails this).
     answered: list[str] = []
     while len(answered) < 30 or (len(set(answered)) < 3 and len(answered) < 300):
-        response = platform.get("hello", "/?name=tester")
+        response = shared.get("hello", "/?name=tester")
         assert response.status_code == 200, (response.status_code, response.text)
         assert response.text.startswith("Hello, tester! (revision hello-1"), response.text
         assert response.headers.get("x-request-id"), response.headers
         answered.append(response.text.split("replica ")[1].rstrip(")\n"))
     assert set(answered) == {"hello-1.web.0", "hello-1.web.1", "hello-1.web.2"}, (
         answered,
-        platform.status("hello")["replicas"],
+        shared.status("hello")["replicas"],
     )
 
-    status = platform.status("hello")
+    status = shared.status("hello")
     assert {c["name"]: (c["ready"], c["desired"]) for c in status["components"]} == {
         "web": (3, 3),
         "janitor": (1, 1),
     }, status
-    table = platform.cli("status").stdout
+    table = shared.cli("status").stdout
     assert "hello" in table and "web 3/3" in table, table
 
 
-def test_shop_example_routes_paths_to_several_services(platform: Platform) -> None:
-    platform.cli("deploy", str(EXAMPLES / "shop"))
-    products = platform.get("shop", "/api/products")
+def test_shop_example_routes_paths_to_several_services(shared: Platform) -> None:
+    shared.cli("deploy", str(EXAMPLES / "shop"))
+    products = shared.get("shop", "/api/products")
     assert products.status_code == 200 and products.json()["currency"] == "EUR"  # FastAPI (ASGI)
-    page = platform.get("shop", "/")
+    page = shared.get("shop", "/")
     assert page.status_code == 200 and "<h1>The shop</h1>" in page.text  # Flask (WSGI)
-    quote = platform.get("shop", "/api/quote/1")  # api -> private pricing service, same revision
+    quote = shared.get("shop", "/api/quote/1")  # api -> private pricing service, same revision
     assert quote.status_code == 200 and quote.json() == {"product": "teapot", "price": 16.2, "currency": "EUR"}
-    assert platform.get("nothing-here", "/").status_code == 404
-    status = platform.status("shop")
+    assert shared.get("nothing-here", "/").status_code == 404
+    status = shared.status("shop")
     ready = {c["name"]: c["ready"] for c in status["components"]}
     assert ready == {"api": 2, "storefront": 2, "pricing": 1, "orders": 1}
 
 
-def test_new_revision_takes_over_without_a_failed_request(platform: Platform, tmp_path: Path) -> None:
-    project = write_app(tmp_path / "demo", asgi_app("version one"))
-    platform.cli("deploy", str(project))
-    with Load(platform, "demo") as load:
+def test_new_revision_takes_over_without_a_failed_request(shared: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "takeover", asgi_app("version one"), name="takeover")
+    shared.cli("deploy", str(project))
+    with Load(shared, "takeover") as load:
         load.wait_for(20)
-        write_app(project, asgi_app("version two"))
-        platform.cli("deploy", str(project))
+        write_app(project, asgi_app("version two"), name="takeover")
+        shared.cli("deploy", str(project))
         load.wait_for(20)
     assert load.failures == []
     assert load.bodies[-1] == "version two"
-    status = platform.status("demo")
-    assert status["active_revision"] == "demo-2"
-    assert {r["revision"] for r in status["replicas"]} <= {"demo-2"} | {
+    status = shared.status("takeover")
+    assert status["active_revision"] == "takeover-2"
+    assert {r["revision"] for r in status["replicas"]} <= {"takeover-2"} | {
         r["revision"] for r in status["replicas"] if r["state"] == "draining"
     }
 
@@ -100,25 +113,26 @@ def test_new_revision_takes_over_without_a_failed_request(platform: Platform, tm
     ids=["import-error", "crash-at-start", "never-healthy"],
 )
 def test_failed_deploy_shows_why_and_the_old_revision_keeps_serving(
-    platform: Platform, tmp_path: Path, broken: str, expected: str
+    shared: Platform, tmp_path: Path, broken: str, expected: str, request: pytest.FixtureRequest
 ) -> None:
-    project = write_app(tmp_path / "demo", asgi_app("good"))
-    platform.cli("deploy", str(project))
-    with Load(platform, "demo") as load:
+    app = "failing-" + request.node.callspec.id
+    project = write_app(tmp_path / "demo", asgi_app("good"), name=app)
+    shared.cli("deploy", str(project))
+    with Load(shared, app) as load:
         load.wait_for(10)
-        write_app(project, broken)
-        result = platform.cli("deploy", str(project), check=False)
+        write_app(project, broken, name=app)
+        result = shared.cli("deploy", str(project), check=False)
         load.wait_for(10)
     assert result.returncode == 1
     assert expected in result.stderr
     assert load.failures == []
     assert set(load.bodies) == {"good"}
-    assert platform.status("demo")["active_revision"] == "demo-1"
+    assert shared.status(app)["active_revision"] == f"{app}-1"
 
 
-def test_spec_error_points_at_the_users_line(platform: Platform, tmp_path: Path) -> None:
-    project = write_app(tmp_path / "demo", "\n@app.service(replicas=2, health='healthz')\ndef web(): ...\n")
-    result = platform.cli("deploy", str(project), check=False)
+def test_spec_error_points_at_the_users_line(shared: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "specerr", "\n@app.service(replicas=2, health='healthz')\ndef web(): ...\n", name="specerr")
+    result = shared.cli("deploy", str(project), check=False)
     assert result.returncode == 1
     assert "app.py:4" in result.stderr and "health" in result.stderr
 
@@ -144,22 +158,22 @@ def test_control_plane_kill9_loses_nothing_and_readopts_replicas(platform: Platf
     assert platform.get("demo").text == "after restart"
 
 
-def test_scale_and_rollback(platform: Platform, tmp_path: Path) -> None:
-    project = write_app(tmp_path / "demo", asgi_app("one", replicas=1))
-    platform.cli("deploy", str(project))
-    platform.cli("scale", "demo", "web", "3")
-    assert len([r for r in platform.status("demo")["replicas"] if r["state"] == "ready"]) == 3
-    write_app(project, asgi_app("two", replicas=1))
-    platform.cli("deploy", str(project))
-    assert platform.get("demo").text == "two"
+def test_scale_and_rollback(shared: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "scaling", asgi_app("one", replicas=1), name="scaling")
+    shared.cli("deploy", str(project))
+    shared.cli("scale", "scaling", "web", "3")
+    assert len([r for r in shared.status("scaling")["replicas"] if r["state"] == "ready"]) == 3
+    write_app(project, asgi_app("two", replicas=1), name="scaling")
+    shared.cli("deploy", str(project))
+    assert shared.get("scaling").text == "two"
     # scale sticks across deploys
-    assert [c["desired"] for c in platform.status("demo")["components"]] == [3]
-    platform.cli("rollback", "demo")
-    assert platform.get("demo").text == "one"
-    assert platform.status("demo")["active_revision"] == "demo-1"
-    platform.cli("destroy", "demo", "--yes")
-    assert platform.get("demo").status_code == 404
-    assert "no app named 'demo'" in platform.cli("status", "demo", check=False).stderr
+    assert [c["desired"] for c in shared.status("scaling")["components"]] == [3]
+    shared.cli("rollback", "scaling")
+    assert shared.get("scaling").text == "one"
+    assert shared.status("scaling")["active_revision"] == "scaling-1"
+    shared.cli("destroy", "scaling", "--yes")
+    assert shared.get("scaling").status_code == 404
+    assert "no app named 'scaling'" in shared.cli("status", "scaling", check=False).stderr
 
 
 def test_logs_show_replica_output(platform: Platform) -> None:
@@ -175,25 +189,25 @@ def test_logs_show_replica_output(platform: Platform) -> None:
     assert {"replica": "hello-1.janitor.0", "line": "janitor: sweep #1"} in as_json
 
 
-def test_metrics_count_requests_per_revision(platform: Platform, tmp_path: Path) -> None:
-    platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("m", replicas=1))))
+def test_metrics_count_requests_per_revision(shared: Platform, tmp_path: Path) -> None:
+    shared.cli("deploy", str(write_app(tmp_path / "metered", asgi_app("m", replicas=1), name="metered")))
     for _ in range(7):
-        assert platform.get("demo", "/").status_code == 200
-    text = platform.cli("metrics").stdout
+        assert shared.get("metered", "/").status_code == 200
+    text = shared.cli("metrics").stdout
     line = next(
         line
         for line in text.splitlines()
-        if line.startswith("clearway_gateway_requests_total{") and 'revision="demo-1"' in line and '"2xx"' in line
+        if line.startswith("clearway_gateway_requests_total{") and 'revision="metered-1"' in line and '"2xx"' in line
     )
     assert float(line.rsplit(" ", 1)[1]) >= 7
 
 
-def test_api_refuses_requests_without_the_token(platform: Platform) -> None:
-    api = platform.cli("status", "--json")  # works with the token the CLI reads
+def test_api_refuses_requests_without_the_token(shared: Platform) -> None:
+    api = shared.cli("status", "--json")  # works with the token the CLI reads
     assert api.returncode == 0
-    info = (platform.home / "control.json").read_text()
+    info = (shared.home / "control.json").read_text()
     url = __import__("json").loads(info)["api_url"]
-    assert (platform.home / "token").stat().st_mode & 0o777 == 0o600
+    assert (shared.home / "token").stat().st_mode & 0o777 == 0o600
     anonymous = httpx.get(f"{url}/v1/apps")
     assert anonymous.status_code == 401 and "Bearer" in anonymous.json()["error"]
     wrong = httpx.get(f"{url}/v1/apps", headers={"authorization": "Bearer nope"})
@@ -201,12 +215,12 @@ def test_api_refuses_requests_without_the_token(platform: Platform) -> None:
     assert httpx.get(f"{url}/openapi.json").json()["info"]["title"] == "clearway control plane"
 
 
-def test_unknown_app_and_bad_input_get_clear_errors(platform: Platform, tmp_path: Path) -> None:
-    missing = platform.cli("status", "nope", check=False)
+def test_unknown_app_and_bad_input_get_clear_errors(shared: Platform, tmp_path: Path) -> None:
+    missing = shared.cli("status", "nope", check=False)
     assert missing.returncode == 1 and "no app named 'nope'" in missing.stderr
-    no_file = platform.cli("deploy", str(tmp_path), check=False)
+    no_file = shared.cli("deploy", str(tmp_path), check=False)
     assert no_file.returncode == 1 and "no app.py" in no_file.stderr
-    scale = platform.cli("scale", "nope", "web", "2", check=False)
+    scale = shared.cli("scale", "nope", "web", "2", check=False)
     assert scale.returncode == 1 and "no app named" in scale.stderr
 
 
@@ -291,7 +305,7 @@ def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
             os.kill(pid, 0)
 
 
-def test_replicas_reach_the_control_plane_with_their_own_token(platform: Platform, tmp_path: Path) -> None:
+def test_replicas_reach_the_control_plane_with_their_own_token(shared: Platform, tmp_path: Path) -> None:
     worker = """
 @app.worker()
 def caller():
@@ -310,18 +324,18 @@ def caller():
     while True:
         time.sleep(60)
 """
-    platform.cli("deploy", str(write_app(tmp_path / "demo", worker)))
+    shared.cli("deploy", str(write_app(tmp_path / "caller", worker, name="caller")))
     lines: list[str] = []
     deadline = time.monotonic() + 60
     while not any(line.startswith("admin:") for line in lines):
         assert time.monotonic() < deadline, lines
-        lines = [json.loads(x)["line"] for x in platform.cli("logs", "demo", "--json").stdout.splitlines()]
+        lines = [json.loads(x)["line"] for x in shared.cli("logs", "caller", "--json").stdout.splitlines()]
     identity = json.loads(next(line for line in lines if line.startswith("identity:")).split(" ", 1)[1])
     assert identity | {"spec": None} == {
-        "app": "demo",
-        "revision": "demo-1",
+        "app": "caller",
+        "revision": "caller-1",
         "component": "caller",
-        "replica": "demo-1.caller.0",
+        "replica": "caller-1.caller.0",
         "revision_state": identity["revision_state"],
         "spec": None,
     }
@@ -353,7 +367,7 @@ def test_a_deploy_interrupted_by_a_control_plane_crash_completes_after_restart(
     assert sorted(r["id"] for r in replicas if r["state"] == "ready") == ["demo-2.web.0", "demo-2.web.1"]
 
 
-def test_websockets_and_streaming_pass_through_the_platform(platform: Platform, tmp_path: Path) -> None:
+def test_websockets_and_streaming_pass_through_the_platform(shared: Platform, tmp_path: Path) -> None:
     import asyncio
 
     from websockets.asyncio.client import connect
@@ -381,10 +395,10 @@ def web():
 
     return Starlette(routes=[Route("/healthz", health), Route("/stream", stream), WebSocketRoute("/ws", echo)])
 """
-    project = write_app(tmp_path / "demo", app)
+    project = write_app(tmp_path / "streams", app, name="streams")
     (project / "requirements.txt").write_text("starlette\nwebsockets\n")  # uvicorn speaks WebSocket through it
-    platform.cli("deploy", str(project))
-    streamed = platform.get("demo", "/stream")
+    shared.cli("deploy", str(project))
+    streamed = shared.get("streams", "/stream")
     assert streamed.text == "chunk 0\nchunk 1\nchunk 2\n"
     assert streamed.headers.get("transfer-encoding") == "chunked"
 
@@ -392,7 +406,7 @@ def web():
         # The URI names the app (one Host header: the gateway refuses two); the
         # connection goes to the gateway's address.
         async with connect(
-            f"ws://demo.localhost:{platform.port}/ws", host="127.0.0.1", port=platform.port, open_timeout=30
+            f"ws://streams.localhost:{shared.port}/ws", host="127.0.0.1", port=shared.port, open_timeout=30
         ) as ws:
             replies = []
             for word in ("one", "two"):
