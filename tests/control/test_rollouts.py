@@ -173,3 +173,19 @@ async def test_previews_activate_on_their_own_track_with_their_own_scale(tmp_pat
     await reconciler.reconcile_once()
     assert [w.revision for w in backend.applied[-1].workloads] == [prod.id]
     assert backend.applied[-1].aliases == []
+
+
+async def test_a_rollback_to_a_revision_first_deployed_as_a_canary_takes_the_traffic_at_once(tmp_path: Path) -> None:
+    store, backend, reconciler, _, _, canary = await start(tmp_path)
+    assert reconciler.rollouts.promote("shop", reason="test") is not None
+    await reconciler.reconcile_once()
+    newer = store.create_revision(spec(), code_dir=tmp_path, app_file="app.py", env={})
+    backend.ready.add(newer.id)
+    await reconciler.reconcile_once()
+    assert store.active("shop") == store.revision(newer.id)
+
+    store.restart_revision(canary)  # `clearway rollback shop` to the promoted canary
+    await reconciler.reconcile_once()
+    assert store.active("shop") == store.revision(canary)
+    assert store.rollout("shop") is None
+    assert backend.split("shop") == {canary: 100}

@@ -960,10 +960,13 @@ class Store:
                 db.execute("UPDATE revisions SET pruned_at=? WHERE id=? AND pruned_at IS NULL", (now, rev_id))
 
     def restart_revision(self, rev_id: str) -> None:
-        """Move a retired (or failed) revision back to ``STARTING`` (rollback)."""
+        """Move a retired (or failed) revision back to ``STARTING`` (rollback).
+
+        A rollback takes the traffic as soon as the revision is ready: never as a
+        canary, whatever the revision was first deployed as."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE revisions SET state=?, error=NULL, started_at=? WHERE id=?",
+                "UPDATE revisions SET state=?, error=NULL, started_at=?, canary=0 WHERE id=?",
                 (RevisionState.STARTING.value, time.time(), rev_id),
             )
             app = db.execute("SELECT app FROM revisions WHERE id=?", (rev_id,)).fetchone()[0]
