@@ -11,6 +11,7 @@ One more test runs a real function replica under the supervisor.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import re
@@ -75,6 +76,11 @@ def fails(n: int) -> float:
 @app.function(timeout=0.3)
 def hangs() -> None:
     threading.Event().wait(30)  # the hanging line
+
+
+@app.function(timeout=0.2)
+def wedged() -> None:
+    threading.Event().wait(20)
 
 
 @app.function(timeout=0.3)
@@ -374,3 +380,17 @@ async def test_a_function_replica_is_served_by_the_replica_runtime(
     assert answer.status_code == 200 and answer.json() == "hello ada"
     await supervisor.stop(spec.replica_id)
     assert "[inv-7] greeting ada" in spec.log_path.read_text()
+
+
+def test_a_replica_whose_threads_are_held_by_timed_out_calls_asks_to_be_restarted(server: Server) -> None:
+    # The pool has 32 threads; once 16 are held by calls that timed out, health says 503,
+    # which the supervisor's liveness probe turns into a restart.
+    with server.client() as client:
+        assert client.get(f"/wedged{HEALTH_PATH}").status_code == 200
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{server.url}/wedged/", json={}, timeout=10).status_code, range(16)))
+    assert answers == [504] * 16
+    with server.client() as client:
+        health = client.get(f"/wedged{HEALTH_PATH}")
+        assert health.status_code == 503 and "16 timed-out calls" in health.json()["reason"], health.text
+        assert client.get(f"/typed{HEALTH_PATH}").status_code == 200  # other functions are unaffected

@@ -50,7 +50,10 @@ ends). A timed-out *thread* cannot be: Python has no way to stop one. It runs on
 pool thread, and its result is dropped (a line says when it finally ends). A
 function that hangs every time therefore fills the pool, and later calls wait
 for a thread and time out too: the replica keeps answering 504 rather than
-hanging, and the autoscaler sees the load. The pool is large
+hanging, and the autoscaler sees the load. Once half the pool is held by
+timed-out calls, the health path answers 503: the supervisor's liveness probe
+then takes the replica out of rotation and restarts it, which is the only way
+to get those threads back. The pool is large
 (``max(32, 2 * max_concurrency)`` threads) because ``max_concurrency`` is a
 target for the autoscaler, not a limit the replica enforces.
 
@@ -368,10 +371,12 @@ class _FunctionServer:
         if spec.events:
             # Loaded now rather than on the first event (about 60 ms): a subscriber will need it.
             import cloudevents.v1.http  # noqa: F401
-        self.pool = ThreadPoolExecutor(
-            max_workers=max(32, 2 * spec.max_concurrency), thread_name_prefix=f"clearway-{spec.name}"
-        )
+        self.pool_size = max(32, 2 * spec.max_concurrency)
+        self.pool = ThreadPoolExecutor(max_workers=self.pool_size, thread_name_prefix=f"clearway-{spec.name}")
         self.streams: tuple[PrefixedStream, PrefixedStream] | None = None
+        #: Timed-out calls whose threads still run (see the module docstring).
+        self.stuck = 0
+        self.stuck_limit = max(1, self.pool_size // 2)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -384,6 +389,10 @@ class _FunctionServer:
         path: str = scope["path"]
         method: str = scope["method"]
         if path == HEALTH_PATH:
+            if self.stuck >= self.stuck_limit:
+                reason = f"{self.stuck} timed-out calls still hold threads of {self.pool_size}: restart me"
+                await _send(send, 503, _json({"ok": False, "reason": reason}, "health"))
+                return
             await _send(send, 200, b'{"ok":true}')
             return
         headers = _headers(scope)
@@ -550,6 +559,7 @@ class _FunctionServer:
             stack = self._stack(_thread_frames(frame)) if frame is not None else "(it is still waiting for a free thread)\n"
             invocation = context.get(_current)
             started = time.monotonic() - timeout
+            self.stuck += 1
             future.add_done_callback(lambda done: self._late(done, invocation, started))
             raise _TimedOut(stack)
         return future.result()
@@ -591,6 +601,7 @@ class _FunctionServer:
 
     def _late(self, done: asyncio.Future[Any], invocation: _Invocation | None, started: float) -> None:
         """A timed-out call in a thread has finished at last (its result is dropped)."""
+        self.stuck -= 1
         if not done.cancelled():
             done.exception()  # retrieved: asyncio would log it as never retrieved
         if invocation is not None and not done.cancelled():
