@@ -25,14 +25,14 @@ that retried after a lost answer) is queued once per function, not twice.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cloudevents.v1.conversion import to_structured
-from cloudevents.v1.http import from_http
 
 from clearway.control.store import InvocationKind, NewInvocation
+from clearway.runtime.functions import parse_events as parse_http_events
 from clearway.spec.model import FunctionSpec
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
-STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 #: Most events in one batch.
 MAX_BATCH = 1000
 
@@ -71,35 +70,30 @@ class ReceivedEvent:
 
 
 def parse_events(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent]:
-    """The events of one request, in order; `MalformedEvents` when any is not valid."""
+    """The events of one request, in order; `MalformedEvents` when any is not valid.
+
+    The HTTP binding itself is the function server's (`clearway.runtime.functions.parse_events`,
+    the ``cloudevents`` SDK): what the ingress accepts is what a function would. The ingress
+    adds its own limits: a batch holds 1 to `MAX_BATCH` events, and each has the attributes
+    its idempotency key is made of.
+    """
     lowered = {k.lower(): v for k, v in headers.items()}
-    content_type = lowered.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == BATCH_CONTENT_TYPE:
-        try:
-            items = json.loads(body)
-        except ValueError as exc:
-            raise MalformedEvents(f"the batch is not JSON: {exc}") from None
-        if not isinstance(items, list):
-            raise MalformedEvents("a batch (application/cloudevents-batch+json) must be a JSON array of events")
-        if not items:
-            raise MalformedEvents("the batch holds no events")
-        if len(items) > MAX_BATCH:
-            raise MalformedEvents(f"the batch holds {len(items)} events; send at most {MAX_BATCH} at once")
-        return [
-            _read({"content-type": STRUCTURED_CONTENT_TYPE}, json.dumps(item).encode(), where=f"event {n} of the batch")
-            for n, item in enumerate(items, 1)
-        ]
-    return [_read(lowered, body, where="the event")]
-
-
-def _read(headers: Mapping[str, str], body: bytes, *, where: str) -> ReceivedEvent:
+    batch = lowered.get("content-type", "").split(";")[0].strip().lower() == BATCH_CONTENT_TYPE
     try:
-        event = from_http(dict(headers), body)
-    except Exception as exc:  # the SDK raises its own exceptions, ValueError, binascii.Error, ...
-        raise MalformedEvents(
-            f"{where} is not a valid CloudEvent ({exc}): send ce-specversion, ce-type, ce-source and ce-id headers "
-            "(binary mode) or a JSON event with content-type application/cloudevents+json (structured mode)"
-        ) from None
+        events = parse_http_events(lowered, body)
+    except ValueError as exc:
+        raise MalformedEvents(str(exc)) from None
+    if batch and not events:
+        raise MalformedEvents("the batch holds no events")
+    if len(events) > MAX_BATCH:
+        raise MalformedEvents(f"the batch holds {len(events)} events; send at most {MAX_BATCH} at once")
+    return [
+        _received(event, where=f"event {n} of the batch" if batch else "the event")
+        for n, event in enumerate(events, 1)
+    ]
+
+
+def _received(event: Any, *, where: str) -> ReceivedEvent:
     for attribute in ("id", "source", "type"):
         value = event.get(attribute)
         if not isinstance(value, str) or not value:

@@ -677,16 +677,22 @@ def parse_events(headers: dict[str, str], body: bytes) -> list[Any]:
             raise ValueError(f"the CloudEvents batch is not JSON ({error})") from None
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise ValueError("a CloudEvents batch must be a JSON array of event objects")
-        messages = [({"content-type": _STRUCTURED}, json.dumps(item).encode()) for item in items]
+        messages = [
+            (f"event {n} of the batch", {"content-type": _STRUCTURED}, json.dumps(item).encode())
+            for n, item in enumerate(items, 1)
+        ]
     else:
-        messages = [(headers, body)]
-    try:
-        return [from_http(h, b) for h, b in messages]
-    except (GenericException, ValueError, TypeError) as error:
-        raise ValueError(
-            f"not a valid CloudEvent ({error}): send binary mode (ce-specversion, ce-type, ce-source, "
-            f"ce-id headers), structured mode ({_STRUCTURED}) or a batch ({_BATCH})"
-        ) from None
+        messages = [("the event", headers, body)]
+    events = []
+    for where, message_headers, message_body in messages:
+        try:
+            events.append(from_http(message_headers, message_body))
+        except (GenericException, ValueError, TypeError) as error:
+            raise ValueError(
+                f"{where} is not a valid CloudEvent ({error}): send binary mode (ce-specversion, ce-type, "
+                f"ce-source, ce-id headers), structured mode ({_STRUCTURED}) or a batch ({_BATCH})"
+            ) from None
+    return events
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------
