@@ -53,6 +53,12 @@ class Platform:
         headers = {"host": f"{app}.localhost", **kwargs.pop("headers", {})}
         return httpx.get(f"http://127.0.0.1:{self.port}{path}", headers=headers, timeout=30, **kwargs)
 
+    def api(self) -> httpx.Client:
+        """A client of the control plane's REST API, with the operator token."""
+        info = json.loads((self.home / "control.json").read_text())
+        token = self.home.joinpath("token").read_text().strip()
+        return httpx.Client(base_url=info["api_url"], headers={"authorization": f"Bearer {token}"}, timeout=30)
+
     def control_pid(self) -> int:
         return int(json.loads((self.home / "control.json").read_text())["pid"])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.e2e.conftest import write_app
@@ -47,10 +46,6 @@ def echo(platform: Platform) -> list[str]:
     return response.text.split("|")
 
 
-def api(platform: Platform) -> httpx.Client:
-    info = json.loads((platform.home / "control.json").read_text())
-    token = platform.home.joinpath("token").read_text().strip()
-    return httpx.Client(base_url=info["api_url"], headers={"authorization": f"Bearer {token}"}, timeout=30)
 
 
 def test_config_and_secrets_outlive_deploys_and_are_never_shown(platform: Platform, tmp_path: Path) -> None:
@@ -76,7 +71,7 @@ def test_config_and_secrets_outlive_deploys_and_are_never_shown(platform: Platfo
         "GREETING": ("hello", False),
         "TOKEN": (None, True),
     }
-    with api(platform) as client:
+    with platform.api() as client:
         shown = {
             "config set": result.stdout + result.stderr,
             "config": listing,
@@ -114,7 +109,7 @@ def test_config_and_secrets_outlive_deploys_and_are_never_shown(platform: Platfo
 
 def test_invalid_config_is_refused_with_no_new_revision(platform: Platform, tmp_path: Path) -> None:
     platform.cli("deploy", str(project(tmp_path / "v1", "v1")))
-    with api(platform) as client:
+    with platform.api() as client:
         refused = client.post("/v1/apps/cfg/config", json={"set": {"1BAD-KEY": SECRET}})
         assert refused.status_code == 422, refused.text
         assert "'1BAD-KEY' is not a valid variable name" in refused.json()["error"], refused.text

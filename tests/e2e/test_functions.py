@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e.conftest import write_app
@@ -83,14 +82,10 @@ def platform(tmp_path_factory: pytest.TempPathFactory, gate: Gate) -> Iterator[P
         running.down()
 
 
-def api(platform: Platform) -> httpx.Client:
-    info = json.loads((platform.home / "control.json").read_text())
-    token = platform.home.joinpath("token").read_text().strip()
-    return httpx.Client(base_url=info["api_url"], headers={"authorization": f"Bearer {token}"}, timeout=30)
 
 
 def invocation(platform: Platform, invocation_id: str) -> dict[str, Any]:
-    with api(platform) as client:
+    with platform.api() as client:
         response = client.get(f"/v1/invocations/{invocation_id}")
     response.raise_for_status()
     found: dict[str, Any] = response.json()
@@ -204,7 +199,7 @@ def test_an_interval_schedule_fires_on_its_own(platform: Platform, tmp_path: Pat
     body = '@app.function(schedule=cw.Every(1))\ndef tick() -> str:\n    return "tock"\n'
     platform.cli("deploy", str(write_app(tmp_path / "ticker", body, name="ticker")))
     try:
-        with api(platform) as client:
+        with platform.api() as client:
 
             def runs() -> list[dict[str, Any]]:
                 found = client.get("/v1/apps/ticker/invocations", params={"state": "succeeded"}).json()
@@ -222,7 +217,7 @@ def test_an_interval_schedule_fires_on_its_own(platform: Platform, tmp_path: Pat
 
 def test_no_invocation_is_lost_when_the_control_plane_is_killed(platform: Platform, gate: Gate) -> None:
     count = 50
-    with api(platform) as client:
+    with platform.api() as client:
         ids = []
         for n in range(count):
             response = client.post("/v1/apps/fns/functions/gated/spawn", json={"kwargs": {"n": n}})
@@ -241,7 +236,7 @@ def test_no_invocation_is_lost_when_the_control_plane_is_killed(platform: Platfo
     gate.open()
     platform.up()
 
-    with api(platform) as client:
+    with platform.api() as client:
 
         def all_done() -> list[dict[str, Any]]:
             found = client.get("/v1/apps/fns/invocations", params={"function": "gated", "limit": 1000}).json()
@@ -262,7 +257,7 @@ def test_an_idle_function_scales_to_zero_and_a_request_wakes_it(platform: Platfo
     )
     platform.cli("deploy", str(write_app(tmp_path / "sleepy", body, name="sleepy")))
     try:
-        with api(platform) as client:
+        with platform.api() as client:
 
             def replicas() -> int:
                 [fn] = client.get("/v1/apps/sleepy/functions").json()["functions"]

@@ -15,7 +15,6 @@ tests stay quick, which is exactly what ``CanaryPolicy`` is for.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -75,14 +74,10 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         running.down()
 
 
-def api(platform: Platform) -> httpx.Client:
-    info = json.loads((platform.home / "control.json").read_text())
-    token = platform.home.joinpath("token").read_text().strip()
-    return httpx.Client(base_url=info["api_url"], headers={"authorization": f"Bearer {token}"}, timeout=30)
 
 
 def rollout(platform: Platform, app: str) -> dict[str, Any]:
-    with api(platform) as client:
+    with platform.api() as client:
         response = client.get(f"/v1/apps/{app}/rollout")
     response.raise_for_status()
     data: dict[str, Any] = response.json()
