@@ -471,13 +471,20 @@ def destroy(ctx: click.Context, app: str, yes: bool) -> None:
     out.print(f"{app} destroyed")
 
 
-class _ConfigGroup(click.Group):
-    """``clearway config APP`` is short for ``clearway config show APP``."""
+class _DefaultGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to ``default``:
+    ``clearway config APP`` is ``clearway config show APP``."""
+
+    default = ""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["show", *args]
+            args = [self.default, *args]
         return super().parse_args(ctx, args)
+
+
+class _ConfigGroup(_DefaultGroup):
+    default = "show"
 
 
 @cli.group(cls=_ConfigGroup)
@@ -804,13 +811,10 @@ def events_send(
     out.print(f"[green]✓[/] event {event['id']} queued for {rich_escape(listed)}", markup=True)
 
 
-class _InvocationsGroup(click.Group):
+class _InvocationsGroup(_DefaultGroup):
     """``clearway invocations APP`` is short for ``clearway invocations list APP``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["list", *args]
-        return super().parse_args(ctx, args)
+    default = "list"
 
 
 @cli.group(cls=_InvocationsGroup)

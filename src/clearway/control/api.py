@@ -644,29 +644,32 @@ def create_api(
             "history": [r.to_json() for r in store.rollouts(name, limit=limit)],
         }
 
-    @api.post("/v1/apps/{name}/rollout/promote", dependencies=auth, tags=["rollouts"])
-    async def promote_rollout(request: Request, name: str) -> dict[str, Any]:
-        """Skip the remaining steps: the canary takes all traffic now and becomes the active revision."""
+    async def end_rollout(request: Request, name: str, *, promote: bool) -> dict[str, Any]:
         need_app(name)
-        ended = reconciler.rollouts.promote(name, reason="promoted by the operator (`clearway rollout promote`)")
+        end = reconciler.rollouts.promote if promote else reconciler.rollouts.abort
+        verb = "promoted" if promote else "aborted"
+        ended = end(name, reason=f"{verb} by the operator (`clearway rollout {'promote' if promote else 'abort'}`)")
         if ended is None:
             raise APIError(409, f"{name} has no rollout running; `clearway rollout status {name}` shows the last one")
-        note(request, detail=f"promoted {ended.canary} over {ended.stable}")
+        note(
+            request,
+            detail=f"promoted {ended.canary} over {ended.stable}"
+            if promote
+            else f"aborted {ended.canary}; {ended.stable} keeps serving",
+        )
         reconciler.poke()
         await reconciler.wait_pass()
         return ended.to_json()
 
+    @api.post("/v1/apps/{name}/rollout/promote", dependencies=auth, tags=["rollouts"])
+    async def promote_rollout(request: Request, name: str) -> dict[str, Any]:
+        """Skip the remaining steps: the canary takes all traffic now and becomes the active revision."""
+        return await end_rollout(request, name, promote=True)
+
     @api.post("/v1/apps/{name}/rollout/abort", dependencies=auth, tags=["rollouts"])
     async def abort_rollout(request: Request, name: str) -> dict[str, Any]:
         """Roll back now: all traffic to the stable revision; the canary stops."""
-        need_app(name)
-        ended = reconciler.rollouts.abort(name, reason="aborted by the operator (`clearway rollout abort`)")
-        if ended is None:
-            raise APIError(409, f"{name} has no rollout running; `clearway rollout status {name}` shows the last one")
-        note(request, detail=f"aborted {ended.canary}; {ended.stable} keeps serving")
-        reconciler.poke()
-        await reconciler.wait_pass()
-        return ended.to_json()
+        return await end_rollout(request, name, promote=False)
 
     @api.get("/v1/apps/{name}/logs", dependencies=auth, tags=["apps"], response_class=PlainTextResponse)
     async def logs(
