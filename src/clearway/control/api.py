@@ -987,7 +987,11 @@ def functions_api(
                 revision=target.revision,
             )
         except httpx.TimeoutException:
-            raise APIError(504, f"{name}/{function} did not answer within {time_limit:g} s (its timeout + {TIMEOUT_MARGIN:g} s)") from None
+            raise APIError(
+                504,
+                f"{name}/{function} did not answer within {time_limit:g} s (its timeout + {TIMEOUT_MARGIN:g} s): "
+                f"`clearway logs {name}` shows where it was stuck; raise its timeout= if it needs longer",
+            ) from None
         except httpx.TransportError as exc:
             raise APIError(502, f"the gateway at {dispatcher.caller.gateway_url} does not answer ({exc!r}): `clearway up` restarts it") from None
         content_type = response.headers.get("content-type", "")
@@ -1045,7 +1049,11 @@ def functions_api(
         if not store.retry_invocation(invocation_id):
             current = store.invocation(invocation_id)
             state = current.state.value if current else "gone"
-            raise APIError(409, f"invocation {invocation_id} is {state}: only dead invocations are retried")
+            raise APIError(
+                409,
+                f"invocation {invocation_id} is {state}: only dead invocations are retried "
+                f"(`clearway invocations show {invocation_id}` follows this one)",
+            )
         dispatcher.poke()
         again = store.invocation(invocation_id)
         assert again is not None

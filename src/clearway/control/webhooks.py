@@ -510,7 +510,11 @@ def _quiet(line: str) -> None:
 
 async def _read(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
-    too_large = APIError(413, f"the delivery is larger than {MAX_BODY // MiB} MiB")
+    too_large = APIError(
+        413,
+        f"the delivery is larger than {MAX_BODY // MiB} MiB: send only push and pull request events "
+        "(the webhook's settings on GitHub)",
+    )
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise too_large
     chunks: list[bytes] = []
