@@ -9,10 +9,13 @@ real CLI and API. Three measurements, each beside its baseline:
    imports pydantic and uvicorn (what every function environment has; heavy
    enough to matter) is put to sleep (``clearway scale APP FUNCTION 0``, then
    its replica is gone), and one request is timed from the client: the
-   gateway holds it, the autoscaler sees it, a replica starts and answers.
-   Beside it, in the same rounds: a fresh ``python -c "import pydantic,
-   uvicorn"`` with the same interpreter — what any platform that starts a new
-   interpreter per cold start pays at least.
+   gateway holds it, the autoscaler sees it, a replica is forked from the
+   revision's warm parent and answers. Beside it, in the same rounds: a fresh
+   ``python -c "import pydantic, uvicorn"`` with the same interpreter — what
+   any platform that starts a new interpreter per cold start pays at least.
+   Then the mean of each link of the chain, from the platform's own metrics
+   (``GET /v1/metrics``): the wait at the gateway, the fork, the replica's
+   initialisation until its probe passed, its first response.
 2. **Throughput** (goal: >= 3x nuclio's published Python figure, about 1,570
    requests/s per worker process). ``wrk`` drives a trivial function pinned to
    one replica (min = max = 1) through the gateway for ``--duration`` seconds;
@@ -108,6 +111,44 @@ def wait(what: str, condition: Any, within: float = 120) -> None:
         time.sleep(0.05)
 
 
+def link_totals(platform: Platform) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds and counts so far of each link of the cold function's starts (its metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with platform.api() as api:
+        text = api.get("/v1/metrics").text
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("component") != "cold":
+                continue
+            link = {
+                "clearway_gateway_hold_seconds": "held at the gateway",
+                "clearway_gateway_held_first_response_seconds": "first response",
+            }.get(family.name) or (
+                f"{labels.get('how')} {labels.get('phase')}" if family.name == "clearway_replica_start_seconds" else None
+            )
+            if link is None:
+                continue
+            if sample.name.endswith("_sum"):
+                sums[link] = sums.get(link, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                counts[link] = counts.get(link, 0.0) + sample.value
+    return sums, counts
+
+
+def breakdown(before: tuple[dict[str, float], dict[str, float]], after: tuple[dict[str, float], dict[str, float]]) -> dict[str, float]:
+    """Mean seconds of each link between two readings."""
+    means = {}
+    for link, total in after[0].items():
+        count = after[1].get(link, 0.0) - before[1].get(link, 0.0)
+        if count:
+            means[link] = (total - before[0].get(link, 0.0)) / count
+    return means
+
+
 def cold_starts(platform: Platform, rounds: int) -> tuple[list[float], list[float]]:
     cold, fresh = [], []
     url = f"http://127.0.0.1:{platform.port}/cold"
@@ -191,7 +232,9 @@ def main() -> None:
         platform.cli("up", "--detach", "--port", str(platform.port))
         try:
             platform.cli("deploy", str(project))
+            before = link_totals(platform)
             cold, fresh = cold_starts(platform, args.rounds)
+            links = breakdown(before, link_totals(platform))
             rps = throughput(platform, args.duration)
             spawned, drained, succeeded, lost = invocations(platform, args.invocations)
         finally:
@@ -202,10 +245,13 @@ def main() -> None:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
     print(f"cold start from zero, {args.rounds} rounds (request at the gateway -> response):")
-    print(f"  clearway (spawned replica)   p50 {pct(cold, 0.5) * 1000:7.1f} ms  p99 {pct(cold, 0.99) * 1000:7.1f} ms  "
+    print(f"  clearway (forked replica)    p50 {pct(cold, 0.5) * 1000:7.1f} ms  p99 {pct(cold, 0.99) * 1000:7.1f} ms  "
           f"goal p50 10 ms: {pct(cold, 0.5) / 0.010:.1f}x")
     print(f"  fresh `python -c import`     p50 {pct(fresh, 0.5) * 1000:7.1f} ms  (cold / fresh = "
           f"{statistics.median(cold) / statistics.median(fresh):.2f}x)")
+    print("  mean of each link over these rounds (from the platform's metrics):")
+    for link, seconds in links.items():
+        print(f"    {link:<22} {seconds * 1000:7.1f} ms")
     print(f"throughput, trivial async function, one replica process, wrk -c32 {args.duration:g}s:")
     print(f"  {rps:,.0f} requests/s  = {rps / NUCLIO_PER_PROCESS:.2f}x nuclio's {NUCLIO_PER_PROCESS:,.0f} per process (goal 3x)")
     print(f"{args.invocations:,} spawned invocations, control plane killed with -9 while draining:")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,6 +62,26 @@ async def test_stats_are_the_gateways_counters_per_revision(gateway: GatewayProc
         ComponentLoad("hello", "hello-1", "", in_flight=0, held=0, requests=2),
         ComponentLoad("hello", "hello-1", "resize", in_flight=0, held=0, requests=1),
     ]
+
+
+@pytest.mark.timeout(30)
+async def test_wait_held_long_polls_the_gateways_holds(gateway: GatewayProcess) -> None:
+    assert await gateway.wait_held(-1, 0.05) is None  # not running: no answer (after `within`)
+
+    await gateway.start_or_adopt(table(route("cold", [])).to_json())
+    assert await gateway.wait_held(-1, 10) == 0  # at once: where the count is
+    waiting = asyncio.create_task(gateway.wait_held(0, 20))
+    async with httpx.AsyncClient(timeout=20) as client:
+        cold = asyncio.create_task(
+            client.get(f"http://127.0.0.1:{gateway.port}/", headers={"host": "cold.localhost"})
+        )
+        try:
+            assert await waiting == 1  # woken by the hold, well before its 20 s
+            assert await gateway.wait_held(1, 0.05) == 1  # nothing new within the wait
+        finally:
+            cold.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cold
 
 
 @pytest.mark.parametrize(

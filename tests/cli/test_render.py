@@ -303,16 +303,22 @@ def test_the_functions_table_shows_replicas_invocations_and_the_next_run() -> No
                     "replicas": 1,
                     "in_flight": 4,
                     "held": 0,
+                    "cold_starts": 1,
                     "decisions": [{"at": T0, "from": 0, "to": 1, "reason": "cold"}],
                 },
+                "last_start": {"replica": "shop-2.report.0", "how": "fork", "launch_ms": 3.14, "ready_ms": 12.0},
             }
         ],
     }
     lines = text(render.functions_table([view], now=T0)).splitlines()
     assert rows_after("FUNCTION", lines, 1) == [
         ["shop", "report", "1/1", "(min", "0,", "max", "10)", "4", "2", "1", "3", "in", "42s", "every", "1m",
-         "0", "→", "1:", "cold"]
+         "1;", "last", "forked", "in", "3.1", "ms,", "ready", "in", "12.0", "ms", "0", "→", "1:", "cold"]
     ]
+    assert render.starts_text(0, None) == "0"
+    assert render.starts_text(2, {"how": "spawn", "launch_ms": 1.0, "ready_ms": 480.25}) == (
+        "2; last spawned in 1.0 ms, ready in 480.2 ms"
+    )
 
 
 def test_invocations_show_their_attempts_and_first_error_line() -> None:

@@ -3,11 +3,12 @@
 It records what the control plane asks for and answers with what the test set:
 readiness per revision, whether the data plane confirms (`converged`),
 which incarnation each replica runs with, the gateway's traffic counters
-(`samples`) and its load per component (`loads`). `split(app)` is the last traffic split the control plane applied.
+(`samples`), its load per component (`loads`) and its hold sequence number (`hold_seq`). `split(app)` is the last traffic split the control plane applied.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ class FakeBackend:
     samples: dict[str, TrafficSample] = field(default_factory=dict)
     #: What `load` answers: the gateway's load per (app, revision, component), as the test sets it.
     loads: list[ComponentLoad] = field(default_factory=list)
+    #: What `wait_held` answers: requests held so far (a test bumps it to signal a cold start).
+    hold_seq: int = 0
 
     async def start(self) -> None:
         pass
@@ -88,6 +91,11 @@ class FakeBackend:
 
     async def load(self) -> list[ComponentLoad]:
         return list(self.loads)
+
+    async def wait_held(self, after: int, within: float) -> int:
+        if self.hold_seq <= after:
+            await asyncio.sleep(within)
+        return self.hold_seq
 
     def split(self, app: str) -> dict[str, int]:
         """The last applied traffic split of ``app``."""

@@ -7,6 +7,7 @@ Nothing is delivered here (the dispatcher's loop does not run); delivery is
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Platform:
     store: Store
     backend: FakeBackend
     signing: SigningKey
+    reconciler: Reconciler
 
     def replica(self, app: str) -> dict[str, str]:
         """The headers of a running replica of ``app``."""
@@ -68,10 +70,11 @@ async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
     backend = FakeBackend()
     signing = SigningKey.load_or_create(home / "keys")
     caller = FunctionCaller("http://127.0.0.1:9", lambda: "platform")
+    reconciler = Reconciler(store, backend)
     api = create_api(
         store=store,
         backend=backend,
-        reconciler=Reconciler(store, backend),
+        reconciler=reconciler,
         builder=RevisionBuilder(store, home),
         token=TOKEN,
         signing=signing,
@@ -81,7 +84,7 @@ async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
     deploy(store, tmp_path, "shop", FunctionSpec(name="resize", retries=2), FunctionSpec(name="on-order", events=["order.created"]))
     deploy(store, tmp_path, "blog", FunctionSpec(name="publish"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://control") as http:
-        yield Platform(http, store, backend, signing)
+        yield Platform(http, store, backend, signing, reconciler)
     await caller.aclose()
     store.close()
 
@@ -199,3 +202,112 @@ async def test_a_previews_replica_spawns_the_previews_function(platform: Platfor
     from_production = await platform.http.post("/v1/replica/invocations", json={"function": "resize"}, headers=platform.replica("shop"))
     assert platform.store.invocation(from_preview.json()["id"]).revision == preview.id  # type: ignore[union-attr]
     assert platform.store.invocation(from_production.json()["id"]).revision is None  # type: ignore[union-attr]
+
+
+def binary(key: str, id_: str = "b1", type_: str = "order.created") -> dict[str, str]:
+    """The headers of a binary-mode CloudEvent posted with ``key``."""
+    return {
+        "authorization": f"Bearer {key}",
+        "ce-specversion": "1.0",
+        "ce-type": type_,
+        "ce-source": "/billing",
+        "ce-id": id_,
+        "content-type": "application/json",
+    }
+
+
+async def new_key(platform: Platform, app: str, name: str | None = None) -> dict[str, str]:
+    created = await platform.http.post(f"/v1/apps/{app}/event-keys", json={"name": name} if name else None, headers=OPERATOR)
+    assert created.status_code == 201, created.text
+    answer: dict[str, str] = created.json()
+    return answer
+
+
+@pytest.mark.timeout(30)
+async def test_an_event_key_posts_events_to_its_own_app(platform: Platform) -> None:
+    created = await new_key(platform, "shop", "billing")
+    assert created["key"].startswith(f"cwek_{created['id']}_") and created["name"] == "billing"
+    assert created["url"] == "http://control/v1/apps/shop/events"
+
+    posted = await platform.http.post("/v1/apps/shop/events", content=b'{"n": 1}', headers=binary(created["key"]))
+    assert posted.status_code == 202, posted.text
+    [queued] = platform.store.invocations("shop")
+    assert (queued.function, queued.state, posted.json()["invocations"][0]["id"]) == ("on-order", InvocationState.QUEUED, queued.id)
+    [listed] = (await platform.http.get("/v1/apps/shop/event-keys", headers=OPERATOR)).json()
+    assert listed["last_used_at"] is not None
+    # The audit log says which key posted (never the key itself).
+    entries = (await platform.http.get("/v1/audit", params={"app": "shop"}, headers=OPERATOR)).json()
+    post = next(e for e in entries if e["path"] == "/v1/apps/shop/events")
+    assert post["principal"] == f"event key {created['id']}" and f"event key {created['id']} 'billing'" in post["detail"]
+    assert created["key"] not in repr(entries) and created["key"].rpartition("_")[2] not in repr(entries)
+
+
+@pytest.mark.timeout(30)
+async def test_an_event_key_of_one_app_is_refused_by_another(platform: Platform) -> None:
+    blogs = await new_key(platform, "blog")
+    foreign = await platform.http.post("/v1/apps/shop/events", content=b"{}", headers=binary(blogs["key"]))
+    assert foreign.status_code == 403 and "belongs to another app (blog)" in foreign.json()["error"]
+    assert platform.store.invocations("shop") == []
+
+
+@pytest.mark.timeout(30)
+async def test_revoked_malformed_and_wrong_event_keys_are_refused(platform: Platform) -> None:
+    created = await new_key(platform, "shop")
+    revoked = await platform.http.delete(f"/v1/apps/shop/event-keys/{created['id']}", headers=OPERATOR)
+    assert revoked.status_code == 204 and revoked.content == b""
+    again = await platform.http.delete(f"/v1/apps/shop/event-keys/{created['id']}", headers=OPERATOR)
+    assert again.status_code == 404 and "clearway events keys shop" in again.json()["error"]
+
+    live = await new_key(platform, "shop")
+    wrong_secret = f"cwek_{live['id']}_{'A' * 43}"
+    for bad in (created["key"], wrong_secret, "cwek_not-hex_secret", "cwek_", live["key"] + "x"):
+        refused = await platform.http.post("/v1/apps/shop/events", content=b"{}", headers=binary(bad))
+        assert refused.status_code == 401, bad
+        assert "`clearway events key shop`" in refused.json()["error"], refused.json()
+    assert platform.store.invocations("shop") == []
+    [still] = (await platform.http.get("/v1/apps/shop/event-keys", headers=OPERATOR)).json()
+    assert (still["id"], still["last_used_at"]) == (live["id"], None)
+
+
+@pytest.mark.timeout(30)
+async def test_an_event_key_opens_nothing_but_the_events_ingress(platform: Platform) -> None:
+    key = {"authorization": f"Bearer {(await new_key(platform, 'shop'))['key']}"}
+    assert (await platform.http.get("/v1/apps", headers=key)).status_code == 401
+    assert (await platform.http.get("/v1/apps/shop/event-keys", headers=key)).status_code == 401
+    assert (await platform.http.post("/v1/apps/shop/event-keys", headers=key)).status_code == 401
+    assert (await platform.http.post("/v1/apps/shop/functions/resize/spawn", json={}, headers=key)).status_code == 401
+    assert (await platform.http.post("/v1/replica/invocations", json={"function": "resize"}, headers=key)).status_code == 401
+    assert platform.store.invocations("shop") == []
+
+
+@pytest.mark.timeout(30)
+async def test_listing_event_keys_never_shows_a_secret(platform: Platform) -> None:
+    first = await new_key(platform, "shop")
+    second = await new_key(platform, "shop", "relay.v2")
+    response = await platform.http.get("/v1/apps/shop/event-keys", headers=OPERATOR)
+    listed = response.json()
+    assert [(k["id"], k["name"]) for k in listed] == [(first["id"], "producer"), (second["id"], "relay.v2")]
+    assert all(set(k) == {"id", "app", "name", "created_at", "last_used_at"} for k in listed)
+    for created in (first, second):
+        secret = created["key"].removeprefix(f"cwek_{created['id']}_")
+        assert secret not in response.text and platform.store.event_key(created["id"]).secret_hash not in response.text  # type: ignore[union-attr]
+    bad_name = await platform.http.post("/v1/apps/shop/event-keys", json={"name": "no spaces"}, headers=OPERATOR)
+    assert bad_name.status_code == 422
+    no_app = await platform.http.post("/v1/apps/nope/event-keys", headers=OPERATOR)
+    assert no_app.status_code == 404
+
+
+@pytest.mark.timeout(30)
+async def test_destroying_the_app_removes_its_event_keys(platform: Platform) -> None:
+    created = await new_key(platform, "shop")
+    kept = await new_key(platform, "blog")
+    loop = asyncio.create_task(platform.reconciler.run())  # the delete waits for a pass
+    try:
+        deleted = await platform.http.delete("/v1/apps/shop", headers=OPERATOR)
+    finally:
+        loop.cancel()
+    assert deleted.status_code == 200, deleted.text
+    assert platform.store.event_key(created["id"]) is None and platform.store.event_keys("shop") == []
+    assert [k.id for k in platform.store.event_keys("blog")] == [kept["id"]]
+    refused = await platform.http.post("/v1/apps/shop/events", content=b"{}", headers=binary(created["key"]))
+    assert refused.status_code == 401

@@ -7,7 +7,8 @@ delivered by the control plane through the real gateway to real function replica
 * a function that raises is retried, then dead with its error;
   ``clearway invocations retry`` queues it again; bad input is dead at once;
 * an event posted with ``clearway events send`` reaches the function
-  subscribed to its type;
+  subscribed to its type; so does one an outside producer posts with an event
+  key (``clearway events key``), until ``clearway events revoke``;
 * a ``cw.Every(1)`` schedule fires on its own;
 * a ``kill -9`` of the control plane while invocations are queued and running
   loses none: after the restart every one completes.
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e.conftest import write_app
@@ -195,6 +197,37 @@ def test_an_event_reaches_the_function_subscribed_to_its_type(platform: Platform
     assert unknown.returncode == 1 and "no function of fns receives events of type 'com.example.nobody'" in unknown.stderr
 
 
+def test_an_event_key_lets_a_producer_post_events_until_it_is_revoked(platform: Platform) -> None:
+    shown = platform.cli("events", "key", "fns", "--name", "relay").stdout
+    fields = dict(line.split(maxsplit=1) for line in shown.splitlines()[:3])
+    key, url, key_id = fields["Key"], fields["URL"], fields["ID"].split()[0]
+    assert key.startswith(f"cwek_{key_id}_") and url.endswith("/v1/apps/fns/events")
+    assert f"-H 'Authorization: Bearer {key}'" in shown and "-H 'ce-specversion: 1.0'" in shown, shown
+
+    # What the printed curl does: a binary-mode CloudEvent.
+    headers = {
+        "authorization": f"Bearer {key}",
+        "ce-specversion": "1.0",
+        "ce-type": "com.example.ping",
+        "ce-source": "/relay",
+        "ce-id": "relay-1",
+        "content-type": "application/json",
+    }
+    posted = httpx.post(url, content=b'{"n": 8}', headers=headers, timeout=30)
+    assert posted.status_code == 202, posted.text
+    [queued] = posted.json()["invocations"]
+    done = finished(platform, queued["id"])
+    assert done["state"] == "succeeded" and done["result"]["results"][0]["id"] == "relay-1", done
+
+    listed = platform.cli("events", "keys", "fns").stdout
+    assert key_id in listed and "relay" in listed and key not in listed
+    assert "revoked" in platform.cli("events", "revoke", "fns", key_id).stdout
+    refused = httpx.post(url, content=b'{"n": 9}', headers=headers | {"ce-id": "relay-2"}, timeout=30)
+    assert refused.status_code == 401 and "clearway events key fns" in refused.json()["error"]
+    again = platform.cli("events", "revoke", "fns", key_id, check=False)
+    assert again.returncode == 1 and f"fns has no event key '{key_id}'" in again.stderr
+
+
 def test_an_interval_schedule_fires_on_its_own(platform: Platform, tmp_path: Path) -> None:
     body = '@app.function(schedule=cw.Every(1))\ndef tick() -> str:\n    return "tock"\n'
     platform.cli("deploy", str(write_app(tmp_path / "ticker", body, name="ticker")))
@@ -273,6 +306,20 @@ def test_an_idle_function_scales_to_zero_and_a_request_wakes_it(platform: Platfo
             [fn] = client.get("/v1/apps/sleepy/functions").json()["functions"]
             reasons = [d["reason"] for d in fn["scaling"]["decisions"]]
             assert any("idle" in r for r in reasons) and "cold start" in reasons[-1], reasons
+            # The replica was forked from the revision's warm parent, and its start-up is measured:
+            # per replica, and in the metrics beside the gateway's part of the cold start.
+            assert fn["scaling"]["cold_starts"] == 1
+            start = fn["last_start"]
+            assert start["how"] == "fork" and 0 < start["launch_ms"] <= start["ready_ms"], start
+            metrics = client.get("/v1/metrics").text
+            revision = client.get("/v1/apps/sleepy/functions").json()["revision"]
+            labels = f'app="sleepy",component="hello",how="fork",phase="ready",revision="{revision}"'
+            # Two starts: the deploy's (every new revision proves it starts), then the cold start.
+            assert f"clearway_replica_start_seconds_count{{{labels}}} 2.0" in metrics, metrics[-3000:]
+            held = f'app="sleepy",component="hello",revision="{revision}"'
+            assert f"clearway_gateway_hold_seconds_count{{{held}}} 1.0" in metrics
+            assert f"clearway_gateway_held_first_response_seconds_count{{{held}}} 1.0" in metrics
+            assert "forked in" in platform.cli("functions", "sleepy").stdout
 
             # `clearway scale APP FUNCTION 0` puts it to sleep now, whatever its load.
             platform.cli("scale", "sleepy", "hello", "0")

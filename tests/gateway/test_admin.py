@@ -9,9 +9,13 @@ import httpx
 import pytest
 
 from clearway.gateway import Gateway
+from clearway.gateway._admin import _holds_query
 
 from .conftest import GatewayFactory, route, table, until
 from .replica import Replica
+
+#: The cold-start fields of a ``/load`` entry that never had a held request released.
+_NO_COLD = {"cold_hold_sum": 0.0, "cold_count": 0}
 
 
 async def admin_get(gw: Gateway, path: str, sock: str) -> httpx.Response:
@@ -95,9 +99,9 @@ async def test_load_and_stats_count_each_component(
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     # A held request is in flight too: the gateway is answering it.
     assert sorted(r.json(), key=lambda e: e["component"]) == [
-        {"app": "fn", "revision": "fn-1", "component": "", "in_flight": 0, "held": 0, "requests": 1},
-        {"app": "fn", "revision": "fn-1", "component": "report", "in_flight": 1, "held": 1, "requests": 0},
-        {"app": "fn", "revision": "fn-1", "component": "resize", "in_flight": 1, "held": 0, "requests": 3},
+        {"app": "fn", "revision": "fn-1", "component": "", "in_flight": 0, "held": 0, "requests": 1, **_NO_COLD},
+        {"app": "fn", "revision": "fn-1", "component": "report", "in_flight": 1, "held": 1, "requests": 0, **_NO_COLD},
+        {"app": "fn", "revision": "fn-1", "component": "resize", "in_flight": 1, "held": 0, "requests": 3, **_NO_COLD},
     ]
     assert (await admin_get(gw, "/held", sock)).json() == {"fn-1": 1}  # per revision, as before
     metrics = gw.metrics_text()
@@ -115,13 +119,172 @@ async def test_load_and_stats_count_each_component(
     )
     assert [(await slow).status_code, (await cold).status_code] == [200, 200]
     loads = {e["component"]: e for e in gw.load()}
-    assert [(loads[c]["in_flight"], loads[c]["held"], loads[c]["requests"]) for c in ("resize", "report")] == [
-        (0, 0, 4),
-        (0, 0, 1),
-    ]
+    assert [
+        (loads[c]["in_flight"], loads[c]["held"], loads[c]["requests"], loads[c]["cold_count"])
+        for c in ("resize", "report")
+    ] == [(0, 0, 4, 0), (0, 0, 1, 1)]
+    assert loads["report"]["cold_hold_sum"] > 0
     entries = (await admin_get(gw, "/stats", sock)).json()["revisions"]
     assert {e["component"]: e["by_class"] for e in entries} == {
         "": [0, 1, 0, 0, 0],
         "report": [0, 1, 0, 0, 0],
         "resize": [0, 3, 0, 0, 1],
     }
+
+
+# -- GET /holds: the cold-start long-poll -------------------------------------------------
+
+
+async def holds(sock: str, query: str) -> int:
+    """``GET /holds?<query>``'s seq (the answer must be a 200 with JSON)."""
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), timeout=40) as admin:
+        r = await admin.get(f"http://gateway/holds?{query}")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    seq = r.json()["seq"]
+    assert isinstance(seq, int)
+    return seq
+
+
+def polls_waiting(gw: Gateway) -> int:
+    """``/holds`` requests parked in the admin server (to sequence a test, not to sleep)."""
+    assert gw._admin is not None
+    return len(gw._admin._polls)
+
+
+@pytest.mark.timeout(10)
+async def test_holds_answers_at_once_unless_the_reader_is_up_to_date(
+    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    sock = str(tmp_path / "gw0.sock")
+    # wait=30 everywhere: an answer that waited would overrun the test's timeout.
+    assert await holds(sock, "after=-1&wait=30") == 0  # the first call: where the count is
+    cold = asyncio.create_task(client.get(f"{gw.url}/", headers={"host": "cold.localhost"}))
+    await until(lambda: gw.held() == {"cold-1": 1})
+    assert gw.hold_seq == 1
+    assert await holds(sock, "after=0&wait=30") == 1  # a hold the reader has not seen
+    assert await holds(sock, "after=7&wait=30") == 1  # ahead: a restarted gateway; resynchronise
+    gw.reload(table(route("cold", [replica.address]), generation=2))
+    assert (await cold).status_code == 200
+
+
+@pytest.mark.timeout(10)
+async def test_holds_wakes_when_a_request_is_held_without_blocking_other_admin_requests(
+    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    sock = str(tmp_path / "gw0.sock")
+    poll = asyncio.create_task(holds(sock, "after=0&wait=30"))
+    await until(lambda: polls_waiting(gw) == 1)
+    assert (await admin_get(gw, "/healthz", sock)).text == "ok\n"  # answered while /holds waits
+    assert (await admin_get(gw, "/held", sock)).json() == {}
+    assert not poll.done()
+
+    cold = asyncio.create_task(client.get(f"{gw.url}/wake", headers={"host": "cold.localhost"}))
+    assert await poll == 1
+    gw.reload(table(route("cold", [replica.address]), generation=2))
+    assert (await cold).status_code == 200
+
+
+@pytest.mark.timeout(10)
+async def test_holds_answers_the_same_seq_when_nothing_is_held_within_wait(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    sock = str(tmp_path / "gw0.sock")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await holds(sock, "after=0&wait=0.2") == 0
+    assert loop.time() - started >= 0.19  # it did wait
+    assert gw.hold_seq == 0
+
+
+@pytest.mark.timeout(10)
+async def test_holds_with_bad_query_values_answers_at_once(start_gateway: GatewayFactory, tmp_path: Path) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    sock = str(tmp_path / "gw0.sock")
+    # A missing or unreadable `after` is -1 (answer now); a bad `wait` is 0 (do not wait).
+    for query in ("", "after=abc&wait=30", "after=0&wait=xyz", "after=0&wait=-5", "after=0&wait=nan", "after=0"):
+        assert await holds(sock, query) == 0, query
+    assert polls_waiting(gw) == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"", (-1, 0.0)),
+        (b"after=3&wait=1.5", (3, 1.5)),
+        (b"after=3&wait=1e9", (3, 30.0)),  # clamped
+        (b"after=3&wait=inf", (3, 30.0)),
+        (b"after=3&wait=-1", (3, 0.0)),
+        (b"after=3&wait=nan", (3, 0.0)),
+        (b"after=1.5&wait=x", (-1, 0.0)),
+        (b"after=%ff&wait=", (-1, 0.0)),
+    ],
+)
+@pytest.mark.timeout(5)
+def test_holds_query_values_are_read_leniently(query: bytes, expected: tuple[int, float]) -> None:
+    assert _holds_query(query) == expected
+
+
+@pytest.mark.timeout(10)
+async def test_closing_the_gateway_answers_a_waiting_holds(start_gateway: GatewayFactory, tmp_path: Path) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    sock = str(tmp_path / "gw0.sock")
+    poll = asyncio.create_task(holds(sock, "after=0&wait=30"))
+    await until(lambda: polls_waiting(gw) == 1)
+    await gw.close()  # does not wait for the 30 s
+    assert await poll == 0
+
+
+# -- cold-start metrics -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+async def test_a_released_held_request_is_counted_as_a_cold_start(
+    replica: Replica, start_gateway: GatewayFactory, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True)
+    sock = str(tmp_path / "gw0.sock")
+    cold = asyncio.create_task(client.get(f"{gw.url}/wake", headers={"host": "cold.localhost"}))
+    await until(lambda: gw.held() == {"cold-1": 1})
+    assert b"clearway_gateway_hold_seconds_count" not in gw.metrics_text()  # none released yet
+
+    # A reload that still gives it no replica: the request waits on, counted once.
+    gw.reload(table(route("cold", [], component="fn"), generation=2))
+    await until(lambda: any(e["component"] == "fn" and e["held"] == 1 for e in gw.load()))
+    gw.reload(table(route("cold", [replica.address], component="fn"), generation=3))
+    r = await cold
+    assert r.status_code == 200 and r.json()["path"] == "/wake"
+    assert gw.hold_seq == 1
+    await client.get(f"{gw.url}/echo", headers={"host": "cold.localhost"})  # hot: no cold start
+
+    metrics = (await admin_get(gw, "/metrics", sock)).text
+    labels = 'app="cold",component="fn",revision="cold-1"'
+    for family in ("clearway_gateway_hold_seconds", "clearway_gateway_held_first_response_seconds"):
+        assert f"# TYPE {family} histogram" in metrics
+        assert f"{family}_count{{{labels}}} 1.0" in metrics
+        assert f'{family}_bucket{{app="cold",component="fn",le="+Inf",revision="cold-1"}} 1.0' in metrics
+        assert f'{family}_bucket{{app="cold",component="fn",le="0.001",revision="cold-1"}}' in metrics
+    hold_sum = float(metrics.split(f"clearway_gateway_hold_seconds_sum{{{labels}}} ")[1].split()[0])
+    assert hold_sum > 0
+    # The request was held under the first table's component ("") and released under "fn".
+    assert 'clearway_gateway_hold_seconds_count{app="cold",component="",revision="cold-1"}' not in metrics
+    [entry] = [e for e in (await admin_get(gw, "/load", sock)).json() if e["component"] == "fn"]
+    assert (entry["cold_count"], entry["requests"]) == (1, 2)
+    assert entry["cold_hold_sum"] == pytest.approx(hold_sum)
+
+
+@pytest.mark.timeout(10)
+async def test_a_hold_that_times_out_is_no_cold_start(
+    start_gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    gw = await start_gateway(table(route("cold", [])), admin=True, hold_timeout=0.1)
+    r = await client.get(f"{gw.url}/", headers={"host": "cold.localhost"})
+    assert r.status_code == 503
+    assert gw.hold_seq == 1  # it was held...
+    metrics = gw.metrics_text()
+    assert b"clearway_gateway_hold_seconds_count" not in metrics  # ...but never released to a replica
+    assert b"clearway_gateway_held_first_response_seconds_count" not in metrics
+    [entry] = gw.load()
+    assert (entry["cold_count"], entry["cold_hold_sum"]) == (0, 0.0)

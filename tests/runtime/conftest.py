@@ -125,3 +125,18 @@ async def supervisor(status_log: StatusLog) -> AsyncIterator[Supervisor]:
         yield sup
     finally:
         await sup.close(stop_replicas=True)
+
+
+def cgroup_dir(pid: int, controller: str) -> Path:
+    """Where ``pid``'s cgroup for ``controller`` (v1) lives in the file system."""
+    relative = next(
+        line.split(":", 2)[2]
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        if controller in line.split(":")[1].split(",")
+    )
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, after = line.partition(" - ")
+        rest = after.split()
+        if rest[0] == "cgroup" and controller in rest[2].split(","):
+            return Path(fields.split()[4]) / relative.lstrip("/")
+    raise AssertionError(f"no {controller} cgroup mount")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clearway.runtime import ReplicaState, Supervisor
-from tests.runtime.conftest import SpecFactory
+from tests.runtime.conftest import SpecFactory, cgroup_dir
 
 STARLETTE_PLAIN = """
 import clearway as cw
@@ -26,21 +26,6 @@ def web():
 """
 
 
-def _cgroup_dir(pid: int, controller: str) -> Path:
-    """Where ``pid``'s cgroup for ``controller`` (v1) lives in the file system."""
-    relative = next(
-        line.split(":", 2)[2]
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        if controller in line.split(":")[1].split(",")
-    )
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, _, after = line.partition(" - ")
-        rest = after.split()
-        if rest[0] == "cgroup" and controller in rest[2].split(","):
-            return Path(fields.split()[4]) / relative.lstrip("/")
-    raise AssertionError(f"no {controller} cgroup mount")
-
-
 async def test_memory_and_cpu_limits_are_applied_through_cgroups(
     supervisor: Supervisor, make_spec: SpecFactory
 ) -> None:
@@ -53,11 +38,11 @@ async def test_memory_and_cpu_limits_are_applied_through_cgroups(
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():
         pytest.skip("cgroup v2-only host: this test reads v1 files")  # pragma: no cover
 
-    memory = _cgroup_dir(status.pid, "memory")
+    memory = cgroup_dir(status.pid, "memory")
     assert memory.name == spec.replica_id and memory.parent.name == "clearway"
     assert (memory / "memory.limit_in_bytes").read_text().strip() == str(300 * 1024 * 1024)
     assert str(status.pid) in (memory / "cgroup.procs").read_text().split()
-    cpu = _cgroup_dir(status.pid, "cpu")
+    cpu = cgroup_dir(status.pid, "cpu")
     assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
     assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
 

@@ -124,6 +124,12 @@ class ReplicaInfo:
     endpoint: str | None
     restarts: int
     error: str | None
+    started_by: str | None = None
+    """How its process was made: "fork" (from a warm parent) or "spawn" (a new interpreter)."""
+    launch_ms: float | None = None
+    """Milliseconds the fork or spawn took."""
+    start_ms: float | None = None
+    """Milliseconds from the launch to its first passed readiness probe (None until ready)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,6 +141,9 @@ class ReplicaInfo:
             "endpoint": self.endpoint,
             "restarts": self.restarts,
             "error": self.error,
+            "started_by": self.started_by,
+            "launch_ms": self.launch_ms,
+            "start_ms": self.start_ms,
         }
 
 
@@ -286,6 +295,17 @@ class Backend(Protocol):
 
     async def load(self) -> list[ComponentLoad]:
         """The data plane's load now, per (app, revision, component) (empty when it cannot tell)."""
+
+    async def wait_held(self, after: int, within: float) -> int:
+        """Wait until the gateway holds a new request (a request for something with no ready replica)
+        or ``within`` seconds pass; returns the hold sequence number to pass as ``after`` next time.
+
+        Pass -1 the first time: the answer comes at once.  It also comes at once
+        whenever the gateway's number differs from ``after`` (holds were missed,
+        or the gateway restarted).  When the data plane cannot tell, ``after``
+        is returned once ``within`` has passed.  This is the autoscaler's
+        cold-start trigger: it then reads ``load`` to see what is held.
+        """
 
     async def close(self, *, stop_workloads: bool) -> None:
         """Stop watching; with ``stop_workloads`` also stop every replica and the gateway."""

@@ -67,6 +67,8 @@ class Client:
             except ValueError:
                 raise APIError(response.status_code, response.text or response.reason_phrase) from None
             raise APIError(response.status_code, str(body.get("error")), details=body.get("details"))
+        if response.status_code == 204:
+            return None  # done, nothing to say
         return response.json()
 
     def stream_lines(self, path: str, params: dict[str, Any]) -> Iterator[str]:

@@ -771,9 +771,13 @@ def events() -> None:
 
     \b
     clearway events send shop --type com.example.order.created --data '{"id": 7}'
+    clearway events key shop --name billing    a key for an outside producer
+    clearway events keys shop                  the app's keys (never their secrets)
+    clearway events revoke shop KEY_ID         refuse that key from now on
 
     Any producer can post CloudEvents (binary, structured or batch mode) to the
-    API's /v1/apps/APP/events with the API token.
+    API's /v1/apps/APP/events with an event key of APP, which allows that and
+    nothing else (or with the API token).
     """
 
 
@@ -809,6 +813,67 @@ def events_send(
         return
     listed = ", ".join(f"{i['function']} ({i['id']}{'' if i['created'] else ', sent before'})" for i in queued["invocations"])
     out.print(f"[green]✓[/] event {event['id']} queued for {rich_escape(listed)}", markup=True)
+
+
+@events.command("key")
+@click.argument("app")
+@click.option("--name", default="producer", show_default=True, help="What the key is for (1-64 of A-Z a-z 0-9 . _ -), shown in listings and the audit log.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def events_key(ctx: click.Context, app: str, name: str, as_json: bool) -> None:
+    """Create an event key: it lets an outside producer post events to APP, and nothing else.
+
+    The key is shown only now (the platform keeps its hash);
+    `clearway events revoke APP KEY_ID` revokes it.
+    """
+    created = client_of(ctx).request("POST", f"/v1/apps/{app}/event-keys", json={"name": name})
+    if as_json:
+        print_json(created)
+        return
+    # Plain lines, never wrapped, so that the key and the example copy as they are.
+    out.print(f"Key  {created['key']}\nURL  {created['url']}\nID   {created['id']} ({created['name']})", markup=False)
+    out.print("\nPost a CloudEvent (binary mode; ce-type: a type one of its functions receives):\n", markup=False)
+    out.print(
+        f"curl -X POST '{created['url']}' \\\n"
+        f"  -H 'Authorization: Bearer {created['key']}' \\\n"
+        "  -H 'ce-specversion: 1.0' \\\n"
+        "  -H 'ce-type: com.example.order.created' \\\n"
+        "  -H 'ce-source: /my/producer' \\\n"
+        '  -H "ce-id: $(uuidgen)" \\\n'
+        "  -H 'content-type: application/json' \\\n"
+        """  -d '{"id": 7}'""",
+        markup=False,
+    )
+    err.print(f"the key is shown only now: give it to the producer; `clearway events revoke {app} {created['id']}` revokes it")
+
+
+@events.command("keys")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.pass_context
+@run_command
+def events_keys(ctx: click.Context, app: str, as_json: bool) -> None:
+    """List APP's event keys: id, name, when created and last used (never the secrets)."""
+    keys = client_of(ctx).request("GET", f"/v1/apps/{app}/event-keys")
+    if as_json:
+        print_json(keys)
+        return
+    if not keys:
+        out.print(f"{app} has no event keys: `clearway events key {app}` creates one")
+        return
+    out.print(render.event_keys_table(keys))
+
+
+@events.command("revoke")
+@click.argument("app")
+@click.argument("key_id", metavar="KEY_ID")
+@click.pass_context
+@run_command
+def events_revoke(ctx: click.Context, app: str, key_id: str) -> None:
+    """Revoke APP's event key KEY_ID: posts with it are refused from now on."""
+    client_of(ctx).request("DELETE", f"/v1/apps/{app}/event-keys/{key_id}")
+    out.print(f"[green]✓[/] event key {rich_escape(key_id)} of {rich_escape(app)} revoked", markup=True)
 
 
 class _InvocationsGroup(_DefaultGroup):

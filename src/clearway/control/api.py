@@ -24,18 +24,25 @@ that is valid for that one push of that one app only; ``GET
 Functions (`functions_api`): ``/v1/apps/<app>/functions/<fn>/invoke`` calls one
 now, ``.../spawn`` queues a durable invocation (``/v1/invocations/<id>``
 follows it, ``/v1/apps/<app>/invocations?state=dead`` is the dead-letter list),
-``/v1/apps/<app>/events`` is the CloudEvents ingress (the operator's token or
-a replica token of that app), and ``/v1/replica/invocations`` lets an app
-spawn its own functions.
+``/v1/apps/<app>/events`` is the CloudEvents ingress, and
+``/v1/replica/invocations`` lets an app spawn its own functions. The ingress
+takes the operator's token, a replica token of that app, or an *event key*:
+a revocable credential of an outside producer (``POST
+/v1/apps/<app>/event-keys`` makes one, shown once as ``cwek_<id>_<secret>``;
+only the SHA-256 of the secret is stored) that posts events to its one app and
+is refused everywhere else.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,6 +83,7 @@ from clearway.control.store import (
     RUNNING_STATES,
     BuildState,
     ConfigScope,
+    EventKey,
     InvocationKind,
     InvocationState,
     NewInvocation,
@@ -134,6 +142,42 @@ class SpawnRequest(InvokeRequest):
 
 class ReplicaSpawnRequest(SpawnRequest):
     function: str
+
+
+class EventKeyRequest(BaseModel):
+    #: Tells the app's keys apart (who produces with it), in listings and the audit log.
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = "producer"
+
+
+#: What an event key looks like: ``cwek_<id>_<secret>`` (the id is 8 hex digits,
+#: the secret 32 random bytes, url-safe base64).
+EVENT_KEY_PREFIX = "cwek_"
+_EVENT_KEY = re.compile(r"cwek_([0-9a-f]{8})_([A-Za-z0-9_-]{16,128})")
+
+
+def _secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_event_key(store: Store, app: str, name: str) -> tuple[str, str]:
+    """A new event key of ``app``: its id and the key itself (shown this once)."""
+    secret = secrets.token_urlsafe(32)
+    key_id = store.create_event_key(app, name=name, secret_hash=_secret_hash(secret))
+    return key_id, f"{EVENT_KEY_PREFIX}{key_id}_{secret}"
+
+
+def read_event_key(store: Store, given: str) -> EventKey | None:
+    """The stored key ``given`` is (of whichever app), or None when it is malformed,
+    unknown, revoked or its secret is wrong."""
+    match = _EVENT_KEY.fullmatch(given)
+    if match is None:
+        return None
+    found = store.event_key(match.group(1))
+    if found is None:
+        return None
+    if not hmac.compare_digest(_secret_hash(match.group(2)).encode(), found.secret_hash.encode()):
+        return None
+    return found
 
 
 def basic_password(header: str) -> str:
@@ -224,6 +268,9 @@ def create_api(
             return "operator"
         if git is not None and git.tokens.app_of(given) is not None:
             return "operator"  # the hook of the operator's own push (control.git)
+        if given.startswith(EVENT_KEY_PREFIX):
+            key = read_event_key(store, given)
+            return f"event key {key.id}" if key is not None else "anonymous"
         identity = signing.read_replica_token(given)
         return identity.replica if identity is not None else "anonymous"
 
@@ -941,6 +988,16 @@ def functions_api(
         observed = backend.observe().get(active.id)
         counts = store.invocation_counts(name)
         marks = store.schedule_marks()
+        # The newest start-up of each function's replicas: how, and how long (clearway.backends).
+        starts: dict[str, dict[str, Any]] = {}
+        for replica in backend.replicas(name):
+            if replica.revision == active.id and replica.start_ms is not None:
+                starts[replica.component] = {
+                    "replica": replica.id,
+                    "how": replica.started_by,
+                    "launch_ms": replica.launch_ms,
+                    "ready_ms": replica.start_ms,
+                }
         views = []
         for fn in active.spec.functions:
             seen = observed.components.get(fn.name) if observed else None
@@ -961,6 +1018,7 @@ def functions_api(
                     "retries": fn.retries,
                     "desired": seen.desired if seen else 0,
                     "ready": seen.ready if seen else 0,
+                    "last_start": starts.get(fn.name),
                     "invocations": {s.value: counts.get(fn.name, {}).get(s.value, 0) for s in InvocationState},
                     # The autoscaler's view: replicas wanted, in flight, held, idle time, decisions.
                     "scaling": autoscaler.status(active.id, fn.name) if autoscaler is not None else None,
@@ -1059,18 +1117,71 @@ def functions_api(
         assert again is not None
         return again.to_json()
 
+    @api.post("/v1/apps/{name}/event-keys", status_code=201, dependencies=auth, tags=["functions"])
+    async def create_event_key_route(request: Request, name: str, body: EventKeyRequest | None = None) -> dict[str, Any]:
+        """A new event key: an outside producer posts events to this app's
+        ``/v1/apps/{name}/events`` with it (``Authorization: Bearer <key>``), and
+        nothing else. The key is in this answer only; the platform keeps its hash.
+        """
+        need_app(name)
+        key_name = (body or EventKeyRequest()).name
+        key_id, key = create_event_key(store, name, key_name)
+        note(request, app=name, detail=f"event key {key_id} ({key_name}) created")
+        return {
+            "id": key_id,
+            "name": key_name,
+            "key": key,
+            "url": f"{str(request.base_url).rstrip('/')}/v1/apps/{name}/events",
+        }
+
+    @api.get("/v1/apps/{name}/event-keys", dependencies=auth, tags=["functions"])
+    async def list_event_keys(name: str) -> list[dict[str, Any]]:
+        """The app's event keys, oldest first: id, name, created_at, last_used_at (never the secret)."""
+        need_app(name)
+        return [k.to_json() for k in store.event_keys(name)]
+
+    @api.delete("/v1/apps/{name}/event-keys/{key_id}", status_code=204, dependencies=auth, tags=["functions"])
+    async def revoke_event_key(request: Request, name: str, key_id: str) -> Response:
+        """Revoke one of the app's event keys: posts with it are refused (401) from now on."""
+        if not store.revoke_event_key(name, key_id):
+            raise APIError(404, f"{name} has no event key {key_id!r}; `clearway events keys {name}` lists them")
+        note(request, app=name, detail=f"event key {key_id} revoked")
+        return Response(status_code=204)
+
     @api.post("/v1/apps/{name}/events", status_code=202, tags=["functions"])
     async def post_events(request: Request, name: str) -> dict[str, Any]:
         """CloudEvents in (binary, structured or batch mode): one durable invocation per
         event and function subscribed to its type (``control.event_ingress``).
 
-        The operator's token, or a replica token of this app. 400: not valid
-        CloudEvents; 422: no function receives some event's type. Either way
-        nothing is queued.
+        The operator's token, a replica token of this app, or an event key of this
+        app (``POST /v1/apps/{name}/event-keys``). 400: not valid CloudEvents;
+        422: no function receives some event's type. Either way nothing is queued.
         """
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        authorization = request.headers.get("authorization", "")
+        scheme, _, given = authorization.partition(" ")
         caller: Revision | None = None
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())):
+        by_key = ""
+        if not authorization:
+            raise APIError(
+                401,
+                f"no credential: post with `Authorization: Bearer <event key>` (`clearway events key {name}` "
+                "creates one) or with the API token",
+            )
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode()):
+            pass  # the operator
+        elif scheme.lower() == "bearer" and given.startswith(EVENT_KEY_PREFIX):
+            key = read_event_key(store, given)
+            if key is None:
+                raise APIError(
+                    401,
+                    "unknown, revoked or malformed event key: create a new one with "
+                    f"`clearway events key {name}` (it is shown once) and post with `Authorization: Bearer <key>`",
+                )
+            if key.app != name:
+                raise APIError(403, f"event key {key.id} belongs to another app ({key.app}): it may post events to {key.app} only")
+            store.touch_event_key(key.id)
+            by_key = f" (event key {key.id} {key.name!r})"
+        else:
             identity = await replica_identity(request)
             if identity.app != name:
                 raise APIError(403, f"replica {identity.replica} belongs to {identity.app}: it may post events to its own app only")
@@ -1093,7 +1204,7 @@ def functions_api(
         queued = store.enqueue_invocations(new)
         if any(created for _, created in queued):
             dispatcher.poke()
-        note(request, app=name, detail=f"{len(events)} event(s) -> {len(queued)} invocation(s)")
+        note(request, app=name, detail=f"{len(events)} event(s) -> {len(queued)} invocation(s){by_key}")
         return {
             "events": len(events),
             "invocations": [

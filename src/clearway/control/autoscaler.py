@@ -85,6 +85,8 @@ class _State:
     last_requests: int = -1
     in_flight: int = 0
     held: int = 0
+    #: Scale-ups from zero replicas (each a cold start).
+    cold_starts: int = 0
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=KEEP_DECISIONS))
 
 
@@ -156,6 +158,8 @@ class Autoscaler:
                 state.samples.popleft()
             wanted, reason = self._decide(spec, state, now)
             if wanted != state.replicas:
+                if state.replicas == 0:
+                    state.cold_starts += 1
                 decision = Decision(self.wall(), key[0], key[1], state.replicas, wanted, reason)
                 state.decisions.append(decision)
                 state.replicas = wanted
@@ -199,11 +203,12 @@ class Autoscaler:
         """What ``clearway functions`` shows for one function of one revision."""
         state = self._state.get((revision, function))
         if state is None:
-            return {"replicas": None, "in_flight": 0, "held": 0, "decisions": []}
+            return {"replicas": None, "in_flight": 0, "held": 0, "cold_starts": 0, "decisions": []}
         return {
             "replicas": state.replicas,
             "in_flight": state.in_flight,
             "held": state.held,
+            "cold_starts": state.cold_starts,
             "idle_seconds": round(self.clock() - state.last_active, 1),
             "decisions": [d.to_json() for d in state.decisions],
         }

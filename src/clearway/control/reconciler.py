@@ -216,7 +216,12 @@ class Reconciler:
         return counts
 
     async def autoscale(self, *, period: float = 0.1) -> None:
-        """Read the gateway's load every ``period`` and resize functions (a supervised loop)."""
+        """Read the gateway's load every ``period`` and resize functions (a supervised loop).
+
+        It also wakes the moment the gateway holds a request (``Backend.wait_held``):
+        a request for a function at zero replicas starts one at once, not at the next tick.
+        """
+        seq = -1
         while True:
             functions = {key: spec for key, (_, spec) in self.functions.items()}
             if functions:
@@ -234,7 +239,7 @@ class Reconciler:
                         f"{decision.replicas_from} -> {decision.replicas_to} replicas ({decision.reason})",
                     )
                     self.poke()
-            await asyncio.sleep(period if functions else 5 * period)
+            seq = await self.backend.wait_held(seq, period if functions else 5 * period)
 
     def _deadline(self, rev: Revision) -> tuple[float, float] | None:
         """(startup limit, deadline) of a starting revision; None when it has no start time."""

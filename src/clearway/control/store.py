@@ -45,6 +45,7 @@ import contextlib
 import enum
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -194,6 +195,15 @@ CREATE TABLE IF NOT EXISTS schedules (
     last_fire REAL NOT NULL,
     PRIMARY KEY (app, function)
 );
+CREATE TABLE IF NOT EXISTS event_keys (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_used_at REAL
+);
+CREATE INDEX IF NOT EXISTS event_keys_app ON event_keys(app, created_at);
 """
 
 #: Joined into every revision query so a revision carries its app's uid.
@@ -776,7 +786,7 @@ class Store:
             db.execute(f"UPDATE apps SET {column}=? WHERE name=?", (json.dumps(scale), app))
 
     def delete_app(self, app: str) -> None:
-        """Forget the app: its revisions, rollouts, builds, events, webhook, invocations, schedules and configuration (secrets included)."""
+        """Forget the app: its revisions, rollouts, builds, events, webhook, event keys, invocations, schedules and configuration (secrets included)."""
         with self.transaction() as db:
             db.execute("DELETE FROM config WHERE app=?", (app,))
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
@@ -784,6 +794,7 @@ class Store:
             db.execute("DELETE FROM builds WHERE app=?", (app,))
             db.execute("DELETE FROM rollouts WHERE app=?", (app,))
             db.execute("DELETE FROM webhooks WHERE app=?", (app,))
+            db.execute("DELETE FROM event_keys WHERE app=?", (app,))
             db.execute("DELETE FROM invocations WHERE app=?", (app,))
             db.execute("DELETE FROM schedules WHERE app=?", (app,))
             db.execute("DELETE FROM apps WHERE name=?", (app,))
@@ -1599,6 +1610,79 @@ class Store:
             created_at=row["created_at"],
             finished_at=row["finished_at"],
         )
+
+    # -- event keys -------------------------------------------------------------
+    # Per-app credentials of outside producers of events (``control.api``): each
+    # allows posting events to its one app. Only the SHA-256 of the secret is
+    # kept; the key itself is shown once, when it is created.
+    def create_event_key(self, app: str, *, name: str, secret_hash: str) -> str:
+        """Store a new key of ``app`` with the hash of its secret; its id."""
+        with self.transaction() as db:
+            while True:
+                key_id = secrets.token_hex(4)
+                try:
+                    db.execute(
+                        "INSERT INTO event_keys(id, app, name, secret_hash, created_at) VALUES(?,?,?,?,?)",
+                        (key_id, app, name, secret_hash, time.time()),
+                    )
+                except sqlite3.IntegrityError:
+                    continue  # the id is taken (1 in 4 billion): draw another
+                break
+            self._event(db, app, f"event key {key_id} ({name}) created")
+        return key_id
+
+    def event_keys(self, app: str) -> list[EventKey]:
+        """The app's event keys, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM event_keys WHERE app=? ORDER BY created_at, id", (app,)
+            ).fetchall()
+        return [EventKey(**dict(r)) for r in rows]
+
+    def event_key(self, key_id: str) -> EventKey | None:
+        """The key with this id, of whichever app (to verify a key posted with)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM event_keys WHERE id=?", (key_id,)).fetchone()
+        return None if row is None else EventKey(**dict(row))
+
+    def revoke_event_key(self, app: str, key_id: str) -> bool:
+        """Delete the app's key ``key_id``; False when the app has no such key."""
+        with self.transaction() as db:
+            row = db.execute("SELECT name FROM event_keys WHERE app=? AND id=?", (app, key_id)).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM event_keys WHERE id=?", (key_id,))
+            self._event(db, app, f"event key {key_id} ({row['name']}) revoked")
+        return True
+
+    def touch_event_key(self, key_id: str, *, at: float | None = None) -> None:
+        """Record a use of the key (``last_used_at``)."""
+        with self.transaction() as db:
+            db.execute("UPDATE event_keys SET last_used_at=? WHERE id=?", (time.time() if at is None else at, key_id))
+
+
+@dataclass(frozen=True)
+class EventKey:
+    """A producer's credential to post events to one app (``Store.create_event_key``)."""
+
+    id: str
+    app: str
+    #: Given by the operator, to tell keys apart ("producer" by default).
+    name: str
+    #: SHA-256 (hex) of the secret; the secret itself is never stored.
+    secret_hash: str = field(repr=False)
+    created_at: float
+    last_used_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The view of the API: never the secret, nor its hash."""
+        return {
+            "id": self.id,
+            "app": self.app,
+            "name": self.name,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+        }
 
 
 class InvocationState(enum.StrEnum):

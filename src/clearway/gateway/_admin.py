@@ -9,7 +9,10 @@ requests.  Asyncio Streams are fine here: this is not the hot path.
     GET /routes    {"generation": N}   (the control plane polls it after a reload)
     GET /held      {"<revision>": <held requests>}   (what scale-from-zero will act on)
     GET /load      [{"app", "revision", "component", "in_flight", "held",
-                     "requests" (answered so far, cumulative)}]   (the autoscaler)
+                     "requests" (answered so far, cumulative),
+                     "cold_count", "cold_hold_sum" (held requests released to a
+                     replica, and their seconds held; cumulative)}]   (the autoscaler)
+    GET /holds?after=N&wait=S   {"seq": M}   (long-poll: the autoscaler's cold-start trigger)
     GET /metrics   Prometheus text format
     GET /stats     {"bounds": [s...], "revisions": [{"app", "revision", "component",
                     "by_class": [1xx..5xx], "buckets": [non-cumulative, last +Inf]}]}
@@ -25,6 +28,17 @@ several counted components has one entry per component; ``/held`` sums them.
 the requests in flight now (held ones included), held now, and answered so
 far (the autoscaler subtracts readings to see whether a function was idle).
 It is a few integers per entry, with no buckets, so it stays cheap.
+
+``/holds`` is how a cold start reaches the control plane in milliseconds
+rather than at its next ``/load`` poll.  ``M`` counts the requests that began
+to be held (found no ready replica) since the gateway started.  The answer
+comes at once when ``M != N`` (``after`` missing or invalid counts as -1:
+at once), else as soon as a request is held, else after ``S`` seconds with
+``M`` unchanged (``wait`` missing or invalid: 0; clamped to [0, 30]).  A
+reader whose ``N`` is ahead of ``M`` is talking to a restarted gateway and
+is answered at once, to resynchronise.  Each connection has its own handler
+task, so a waiting ``/holds`` blocks no other admin request; closing the
+server answers the waiting ones at once.
 """
 
 from __future__ import annotations
@@ -32,16 +46,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 __all__ = ["AdminServer"]
 
 _MAX_HEAD = 16 * 1024
+#: The longest a ``GET /holds`` waits (seconds), whatever it asks.
+_MAX_HOLDS_WAIT = 30.0
 
 
 class AdminServer:
@@ -56,6 +74,7 @@ class AdminServer:
         load: Callable[[], list[dict[str, Any]]],
         metrics: Callable[[], bytes],
         stats: Callable[[], dict[str, Any]],
+        holds: Callable[[int, float], Awaitable[int]],
     ) -> None:
         self.path = Path(path)
         self._generation = generation
@@ -63,7 +82,11 @@ class AdminServer:
         self._load = load
         self._metrics = metrics
         self._stats = stats
+        self._holds = holds
         self._server: asyncio.AbstractServer | None = None
+        #: ``/holds`` waits in progress; cancelled (and so answered) by ``close()``.
+        self._polls: set[asyncio.Future[int]] = set()
+        self._closing = False
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -71,6 +94,9 @@ class AdminServer:
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
 
     async def close(self) -> None:
+        self._closing = True
+        for poll in self._polls:
+            poll.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -88,7 +114,7 @@ class AdminServer:
                 return
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             method, target = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"")
-            status, ctype, body = self._respond(method, target.split(b"?", 1)[0])
+            status, ctype, body = await self._respond(method, target)
             writer.write(
                 b"HTTP/1.0 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
                 % (status, b"OK" if status == 200 else b"Error", ctype.encode(), len(body))
@@ -102,7 +128,8 @@ class AdminServer:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    def _respond(self, method: bytes, path: bytes) -> tuple[int, str, bytes]:
+    async def _respond(self, method: bytes, target: bytes) -> tuple[int, str, bytes]:
+        path, _, query = target.partition(b"?")
         if method not in (b"GET", b"HEAD"):
             return 405, "text/plain", b"The admin socket only answers GET.\n"
         if path == b"/healthz":
@@ -117,4 +144,41 @@ class AdminServer:
             return 200, CONTENT_TYPE_LATEST, self._metrics()
         if path == b"/stats":
             return 200, "application/json", json.dumps(self._stats()).encode()
-        return 404, "text/plain", b"Unknown admin path; try /healthz, /routes, /held, /load, /metrics or /stats.\n"
+        if path == b"/holds":
+            return 200, "application/json", json.dumps({"seq": await self._wait_holds(query)}).encode()
+        return (
+            404,
+            "text/plain",
+            b"Unknown admin path; try /healthz, /routes, /held, /load, /holds, /metrics or /stats.\n",
+        )
+
+    async def _wait_holds(self, query: bytes) -> int:
+        """The hold sequence number, per ``/holds`` (see the module docstring)."""
+        after, wait = _holds_query(query)
+        poll = asyncio.ensure_future(self._holds(after, 0.0 if self._closing else wait))
+        self._polls.add(poll)
+        try:
+            return await poll
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this handler itself is being cancelled
+            return await self._holds(-1, 0.0)  # close() cut the wait: answer with the count now
+        finally:
+            self._polls.discard(poll)
+
+
+def _holds_query(query: bytes) -> tuple[int, float]:
+    """``after`` and ``wait`` of a ``/holds`` query; -1 and 0 when missing or not numbers."""
+    fields = parse_qs(query.decode("latin-1"))
+    try:
+        after = int(fields.get("after", ["-1"])[-1])
+    except ValueError:
+        after = -1
+    try:
+        wait = float(fields.get("wait", ["0"])[-1])
+    except ValueError:
+        wait = 0.0
+    if math.isnan(wait):
+        wait = 0.0
+    return after, min(max(wait, 0.0), _MAX_HOLDS_WAIT)

@@ -162,6 +162,7 @@ class Gateway:
                 load=self.load,
                 metrics=self._metrics.exposition,
                 stats=self._metrics.traffic,
+                holds=self._metrics.wait_hold,
             )
             await self._admin.start()
         self._supervisor.start("gateway timeout watchdog", ctx.run_watchdog())
@@ -263,6 +264,11 @@ class Gateway:
     def load(self) -> list[dict[str, Any]]:
         """Requests in flight, held and answered so far per (app, revision, component) (``GET /load``)."""
         return self._metrics.load()
+
+    @property
+    def hold_seq(self) -> int:
+        """Requests that began to be held since the gateway started (``GET /holds``)."""
+        return self._metrics.hold_seq
 
     def metrics_text(self) -> bytes:
         """The metrics in the Prometheus text format (as served by ``GET /metrics``)."""

@@ -23,10 +23,26 @@ Requests refused by access control (401/403) are counted twice: in their
 revision's status classes like every answer, and in
 ``clearway_gateway_denied_total{app,revision,component,reason}``, so that an operator
 sees *why* a service is being refused and to whom (the target's revision).
+
+Cold starts.  A request that finds no ready replica is held (``_proxy.py``).
+Each such request bumps :attr:`Metrics.hold_seq` once and wakes whoever waits
+in :meth:`Metrics.wait_hold` - the admin ``GET /holds`` long-poll, which is
+how the control plane learns of a cold start within milliseconds instead of
+at its next poll.  When a held request is finally sent to a replica, two
+durations are kept for its (app, revision, component):
+``clearway_gateway_hold_seconds`` (held until released to a replica: the
+queue wait, scale-up included) and ``clearway_gateway_held_first_response_seconds``
+(release to the replica's response head: the cold replica's first answer).
+Together they split a cold start's latency into "waiting for a replica" and
+"the replica being slow".  Only held requests pay for this; the families
+appear once a revision had a cold start, as a labelled prometheus-client
+metric would.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
@@ -40,11 +56,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["DURATION_BUCKETS", "GatewayCollector", "Metrics", "RevisionStats"]
+__all__ = ["COLD_START_BUCKETS", "DURATION_BUCKETS", "GatewayCollector", "Metrics", "RevisionStats"]
 
 #: Upper bounds (seconds) of the request-duration histogram buckets.
 DURATION_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+#: Upper bounds (seconds) of the cold-start histograms (hold time, first response):
+#: a few milliseconds when a replica starts fast, up to the 30 s hold timeout.
+COLD_START_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -52,7 +73,21 @@ _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 class RevisionStats:
     """Counters for one (app, revision, component); mutated in place on the hot path."""
 
-    __slots__ = ("app", "buckets", "by_class", "component", "duration_sum", "held", "in_flight", "revision")
+    __slots__ = (
+        "app",
+        "buckets",
+        "by_class",
+        "cold_count",
+        "cold_hold_sum",
+        "component",
+        "duration_sum",
+        "first_response_buckets",
+        "first_response_sum",
+        "held",
+        "hold_buckets",
+        "in_flight",
+        "revision",
+    )
 
     def __init__(self, app: str, revision: str, component: str = "") -> None:
         self.app = app
@@ -66,6 +101,14 @@ class RevisionStats:
         self.duration_sum = 0.0
         self.in_flight = 0
         self.held = 0
+        #: Held requests released to a replica, and the seconds they were held in all.
+        self.cold_count = 0
+        self.cold_hold_sum = 0.0
+        #: Non-cumulative counts over COLD_START_BUCKETS (last slot +Inf) of those holds...
+        self.hold_buckets = [0] * (len(COLD_START_BUCKETS) + 1)
+        #: ...and of the time from their release to the replica's response head.
+        self.first_response_buckets = [0] * (len(COLD_START_BUCKETS) + 1)
+        self.first_response_sum = 0.0
 
     def record(self, status: int, duration: float) -> None:
         """Count one finished request."""
@@ -73,6 +116,17 @@ class RevisionStats:
         self.by_class[index if 0 <= index < 5 else 4] += 1
         self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
+
+    def record_hold(self, seconds: float) -> None:
+        """Count one held request released to a replica after ``seconds`` held."""
+        self.cold_count += 1
+        self.cold_hold_sum += seconds
+        self.hold_buckets[bisect_left(COLD_START_BUCKETS, seconds)] += 1
+
+    def record_first_response(self, seconds: float) -> None:
+        """Count a released held request's response head, ``seconds`` after its release."""
+        self.first_response_sum += seconds
+        self.first_response_buckets[bisect_left(COLD_START_BUCKETS, seconds)] += 1
 
     @property
     def requests(self) -> int:
@@ -89,6 +143,10 @@ class Metrics:
         self.denied: dict[tuple[str, str, str, str], int] = {}
         #: Requests that matched no route (404) or were malformed (400, 413).
         self.unrouted = self.stats("", "", "")
+        #: Requests that began to be held, for the gateway's life (each counted once).
+        self.hold_seq = 0
+        #: Resolved (and dropped) at the next hold start; created by the first waiter.
+        self._hold_waiter: asyncio.Future[None] | None = None
 
     def stats(self, app: str, revision: str, component: str) -> RevisionStats:
         """The stats of (app, revision, component); the same object for the gateway's life."""
@@ -102,6 +160,30 @@ class Metrics:
         """Count one request refused by access control."""
         key = (app, revision, component, reason)
         self.denied[key] = self.denied.get(key, 0) + 1
+
+    def hold_started(self) -> None:
+        """A request began to be held: bump ``hold_seq`` and wake every ``wait_hold``."""
+        self.hold_seq += 1
+        waiter, self._hold_waiter = self._hold_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_hold(self, after: int, within: float) -> int:
+        """``hold_seq`` once it differs from ``after``, or after ``within`` seconds (unchanged then).
+
+        It answers at once when ``hold_seq != after``: the reader missed holds
+        (or passed -1), or it is ahead (the gateway restarted and counts from
+        0 again) and must resynchronise.  One future shared by all waiters, as
+        in ``_holding.py``: a hold start costs one check when nobody waits.
+        """
+        if self.hold_seq != after or within <= 0:
+            return self.hold_seq
+        if self._hold_waiter is None:
+            self._hold_waiter = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._hold_waiter)
+        return self.hold_seq
 
     def all(self) -> list[RevisionStats]:
         return list(self._stats.values())
@@ -138,8 +220,11 @@ class Metrics:
         the gateway is answering it; like the Prometheus gauges, so
         ``held <= in_flight``); ``requests`` is every request
         answered so far (cumulative: the reader subtracts two readings, and one
-        that went down means the gateway restarted).  A few integers per
-        entry, read without copying the buckets: cheap to poll every second.
+        that went down means the gateway restarted).  ``cold_count`` (held
+        requests released to a replica) and ``cold_hold_sum`` (the seconds
+        they were held) are cumulative too; their difference over a window
+        is the mean cold-start wait.  A few numbers per entry, read without
+        copying the buckets: cheap to poll every second.
         """
         return [
             {
@@ -149,6 +234,8 @@ class Metrics:
                 "in_flight": stats.in_flight,
                 "held": stats.held,
                 "requests": stats.requests,
+                "cold_hold_sum": stats.cold_hold_sum,
+                "cold_count": stats.cold_count,
             }
             for stats in self._stats.values()
             if stats is not self.unrouted
@@ -196,6 +283,16 @@ class GatewayCollector(Collector):
             "Requests waiting for the revision to get a ready replica.",
             labels=["app", "revision", "component"],
         )
+        hold = HistogramMetricFamily(
+            "clearway_gateway_hold_seconds",
+            "How long requests that found no ready replica were held before being sent to one.",
+            labels=["app", "revision", "component"],
+        )
+        first_response = HistogramMetricFamily(
+            "clearway_gateway_held_first_response_seconds",
+            "For held requests, from being sent to the replica to its response head.",
+            labels=["app", "revision", "component"],
+        )
         denied = CounterMetricFamily(
             "clearway_gateway_denied",
             "Requests refused by access control (401/403), by target revision and reason.",
@@ -208,18 +305,32 @@ class GatewayCollector(Collector):
             for name, count in zip(_CLASSES, stats.by_class, strict=True):
                 if count:
                     requests.add_metric([*labels, name], count)
-            total = 0
-            cumulative: list[tuple[str, float]] = []
-            for bound, count in zip(DURATION_BUCKETS, stats.buckets, strict=False):
-                total += count
-                cumulative.append((repr(bound), total))
-            total += stats.buckets[-1]
-            cumulative.append(("+Inf", total))
-            duration.add_metric(labels, cumulative, stats.duration_sum)
+            duration.add_metric(labels, _cumulative(DURATION_BUCKETS, stats.buckets), stats.duration_sum)
             in_flight.add_metric(labels, stats.in_flight)
             held.add_metric(labels, stats.held)
+            if stats.cold_count:
+                hold.add_metric(labels, _cumulative(COLD_START_BUCKETS, stats.hold_buckets), stats.cold_hold_sum)
+                first_response.add_metric(
+                    labels,
+                    _cumulative(COLD_START_BUCKETS, stats.first_response_buckets),
+                    stats.first_response_sum,
+                )
         yield requests
         yield duration
         yield in_flight
         yield held
+        yield hold
+        yield first_response
         yield denied
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Non-cumulative counts (last slot +Inf) as Prometheus ``le`` buckets."""
+    total = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip(bounds, counts, strict=False):
+        total += count
+        buckets.append((repr(bound), total))
+    total += counts[-1]
+    buckets.append(("+Inf", total))
+    return buckets

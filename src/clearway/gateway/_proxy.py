@@ -240,6 +240,7 @@ class ClientConnection(asyncio.Protocol):
         "_head",
         "_head_bytes",
         "_headers",
+        "_held_at",
         "_host",
         "_hostkey",
         "_identity",
@@ -255,6 +256,7 @@ class ClientConnection(asyncio.Protocol):
         "_peer_bytes",
         "_pending",
         "_pending_size",
+        "_released_at",
         "_request_done",
         "_request_id",
         "_resp_body",
@@ -336,6 +338,10 @@ class ClientConnection(asyncio.Protocol):
         self._resp_sent = 0
         self._attempts = 0
         self._started = 0.0
+        #: When the request began to be held, and when it was then sent to a
+        #: replica (0.0: not held / not released); only held requests set them.
+        self._held_at = 0.0
+        self._released_at = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -780,6 +786,10 @@ class ClientConnection(asyncio.Protocol):
                     )
                     return
                 stats.held += 1
+                if not self._held_at:
+                    # Counted once per request, however many reloads it waits through.
+                    self._held_at = self._loop.time()
+                    ctx.metrics.hold_started()
                 try:
                     changed = await ctx.changes.wait(hold_deadline - self._loop.time())
                 finally:
@@ -851,6 +861,9 @@ class ClientConnection(asyncio.Protocol):
             if self._state is _CLOSED:
                 endpoint.release(conn)
                 return
+            if self._held_at and not self._released_at:
+                self._released_at = self._loop.time()
+                target.stats.record_hold(self._released_at - self._held_at)
             self._send(conn)
             return
 
@@ -887,6 +900,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_upstream_head(self, conn: UpstreamConnection) -> None:
         self._deadline = _NEVER
+        if self._released_at:
+            # A held request's first response from the (likely cold) replica.
+            stats = self._stats
+            if stats is not None:
+                stats.record_first_response(self._loop.time() - self._released_at)
+            self._released_at = 0.0
         status = conn.parser.get_status_code()
         upgraded = status == 101
         if upgraded and self._upgrade is None:

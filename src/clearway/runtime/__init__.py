@@ -17,6 +17,8 @@ Modules, one concept each::
     status        ReplicaState, ReplicaStatus
     supervisor    Supervisor: the per-replica loop, probes, restarts, adoption
     launcher      Launcher protocol, SpawnLauncher (posix_spawn)
+    forking       ForkLauncher: function replicas forked from a warm parent
+    warmparent    the warm parent process (run with -m): imports once, forks replicas
     isolation     bubblewrap view and setpriv uid switch, for every replica
     process       pidfd watching, (pid, start time) identity, group signals
     restarts      backoff and crash-loop policy
@@ -34,6 +36,7 @@ Modules, one concept each::
 from __future__ import annotations
 
 from clearway.runtime.clock import Clock, ManualClock, SystemClock
+from clearway.runtime.forking import ForkLauncher
 from clearway.runtime.isolation import Isolation, find_bwrap, isolated_argv
 from clearway.runtime.launcher import LaunchedProcess, Launcher, LaunchRequest, SpawnLauncher
 from clearway.runtime.logs import follow_log, rotate_log, tail_log
@@ -52,6 +55,7 @@ from clearway.runtime.supervisor import (
 __all__ = [
     "Clock",
     "Credentials",
+    "ForkLauncher",
     "Isolation",
     "LaunchRequest",
     "LaunchedProcess",

@@ -33,6 +33,12 @@ What each view shows:
   and the paths above. ``/home``, ``/root``, ``/var``, ``/srv``, ``/opt``... do
   not exist.
 
+A function's warm parent (`clearway.runtime.forking`) runs in the view of its
+replicas with one difference: its writable path is the directory that holds
+their workdirs, so the replicas it forks, which inherit its namespaces, find
+theirs. They share its ``/tmp``, hostname and pid namespace: replicas of one
+function of one revision, under one uid.
+
 ``network=False`` (with either view) adds an empty network namespace (loopback
 only): a service still accepts connections on the unix socket it inherited,
 but cannot reach anything, not even the control plane or other services.

@@ -29,6 +29,12 @@ back-pressure a file would have given too.
 
 It imports nothing but the standard library, so the launcher may run this file
 directly (``python -I -S .../logwriter.py``) without loading clearway.
+
+``--from-stdin`` starts a *spare* writer that learns its destination from the
+first line of its input (``PATH<TAB>MAX_BYTES<TAB>KEEP``): the fork launcher
+keeps one started, so a forked replica does not wait for a new interpreter to
+start before it may run. The launcher writes that line into the pipe before
+any process that could write to it exists, so nobody else can choose it.
 """
 
 from __future__ import annotations
@@ -156,12 +162,27 @@ def _unlink(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clearway.runtime.logwriter")
-    parser.add_argument("path")
-    parser.add_argument("--max-bytes", type=int, required=True)
+    parser.add_argument("path", nargs="?")
+    parser.add_argument("--max-bytes", type=int)
     parser.add_argument("--keep", type=int, default=3)
+    parser.add_argument("--from-stdin", action="store_true", help="read PATH, MAX_BYTES, KEEP from the first line")
     args = parser.parse_args(argv)
-    writer = LogWriter(args.path, max_bytes=args.max_bytes, keep=args.keep)
     source = sys.stdin.fileno()
+    pending = b""
+    if args.from_stdin:
+        while b"\n" not in pending:
+            data = os.read(source, _CHUNK)
+            if not data:
+                return 0  # never given a destination: the launcher let it go
+            pending += data
+        header, pending = pending.split(b"\n", 1)
+        path, max_bytes, keep = header.decode("utf-8", "surrogateescape").split("\t")
+        args.path, args.max_bytes, args.keep = path, int(max_bytes), int(keep)
+    if args.path is None or args.max_bytes is None:
+        parser.error("PATH and --max-bytes are required (or --from-stdin)")
+    writer = LogWriter(args.path, max_bytes=args.max_bytes, keep=args.keep)
+    if pending:
+        writer.write(pending)
     while True:
         try:
             data = os.read(source, _CHUNK)

@@ -1,13 +1,14 @@
 """Watching and signalling replica processes the supervisor may not have parented.
 
-A replica must outlive a crash of the control plane, and a future launcher will
-fork replicas from a warm parent process, so the supervisor cannot rely on
-``waitpid`` or on ``asyncio`` child watchers, which only work for its own
-children. Instead it watches each process through a pidfd (``os.pidfd_open``,
+A replica must outlive a crash of the control plane, and function replicas are
+forked from a warm parent process (`clearway.runtime.forking`), so the
+supervisor cannot rely on ``waitpid`` or on ``asyncio`` child watchers, which
+only work for its own children. Instead it watches each process through a pidfd (``os.pidfd_open``,
 Linux 5.3+), which becomes readable when *any* process exits, and plugs it into
 the event loop with ``loop.add_reader``. When the process happens to be our
 child we also reap it (``waitpid(WNOHANG)``) to learn its exit code; otherwise
-the code is unknown and reported as None.
+the code comes from whoever is its parent (a warm parent reports it to the fork
+launcher), or is unknown (None) for a process adopted after a restart.
 
 A pid alone does not identify a process across a restart of the control plane:
 pids are reused. ``(pid, start time)`` does, where the start time is field 22

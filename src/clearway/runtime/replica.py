@@ -149,8 +149,14 @@ def _serve(target: Callable[[], Any], *, interface: Interface, grace: float, lis
 
 def _run_server(asgi: Any, *, grace: float, listen_fd: int) -> int:
     """Serve ``asgi`` with uvicorn on the inherited listening socket until SIGTERM."""
-    # socket(fileno=...) detects the family (AF_UNIX) from the fd itself.
-    sock = socket.socket(fileno=listen_fd)
+    return serve(server_config(asgi, grace=grace), listen_fd=listen_fd)
+
+
+def server_config(asgi: Any, *, grace: float) -> uvicorn.Config:
+    """The uvicorn configuration of a replica, loaded: every module it needs is imported.
+
+    A warm parent (`clearway.runtime.warmparent`) builds it once, before it
+    forks, so that a forked replica imports nothing on its way to serving."""
     config = uvicorn.Config(
         asgi,
         loop="uvloop",
@@ -163,6 +169,14 @@ def _run_server(asgi: Any, *, grace: float, listen_fd: int) -> int:
         # (uvicorn annotates this as int, but passes it straight to asyncio.wait_for.)
         timeout_graceful_shutdown=max(grace * 0.5, grace - 1.0),  # type: ignore[arg-type]
     )
+    config.load()
+    return config
+
+
+def serve(config: uvicorn.Config, *, listen_fd: int) -> int:
+    """Run uvicorn with ``config`` on the listening socket ``listen_fd`` until SIGTERM."""
+    # socket(fileno=...) detects the family (AF_UNIX) from the fd itself.
+    sock = socket.socket(fileno=listen_fd)
     server = uvicorn.Server(config)
     _say(f"serving on unix:{sock.getsockname()}")
     # uvicorn handles SIGTERM while serving, then re-raises it to our handler: exit 0.

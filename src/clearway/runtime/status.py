@@ -61,3 +61,9 @@ class ReplicaStatus:
     """Why the previous process ended, with the tail of its log (the traceback) for crashes."""
     warnings: tuple[str, ...] = field(default=())
     """Degradations that did not stop the replica, e.g. a memory limit that could not be applied."""
+    started_by: str | None = None
+    """How the current process was created: "spawn" (a new interpreter) or "fork" (a warm parent)."""
+    launch_seconds: float | None = None
+    """How long creating the current process took (the launcher's part of its start-up)."""
+    start_seconds: float | None = None
+    """From the launch of the current process to its first passed readiness probe; None until then."""

@@ -33,6 +33,11 @@ Design points:
   first start and stays the same across restarts (requests arriving during a
   restart wait in the backlog). An adopted replica's socket is in the old
   process; when it must be restarted the supervisor binds the path again.
+* **How a process is made is the launcher's business** (`clearway.runtime.launcher`):
+  spawned, or forked from a warm parent. The supervisor times the launch and
+  the start-up until the first passed probe (``ReplicaStatus.launch_seconds``
+  and ``start_seconds``), and takes the exit code from the launcher when it is
+  not the process's parent (``LaunchedProcess.exit_code``).
 * **Each process start is an incarnation**: a random id, reported in the
   status and named in the credential the ``credentials`` callback mints for
   that process (``CLEARWAY_REPLICA_TOKEN``), so a stopped process's token can
@@ -98,6 +103,9 @@ __all__ = [
 
 logger = logging.getLogger("clearway.runtime")
 
+#: How long the exit code of a process the supervisor did not parent may trail its exit.
+EXIT_CODE_WAIT = 2.0
+
 StatusCallback = Callable[[ReplicaStatus], None]
 #: Mints the credential of one process start: (spec, incarnation) -> token.
 Credentials = Callable[[ReplicaSpec, str], str]
@@ -154,6 +162,10 @@ class _Replica:
         self.stop_requested = asyncio.Event()
         self.stop_grace: float | None = None
         self.log_since = LogPosition(0, 0)
+        #: The process being supervised, as its launcher described it.
+        self.launched: LaunchedProcess | None = None
+        #: When the launch of the current process began (monotonic); None once it is ready.
+        self.launch_started: float | None = None
 
     # -- status -----------------------------------------------------------------------
 
@@ -263,6 +275,7 @@ class _Replica:
                     await self._fail(str(error))
                     return
             self.watch = ProcessWatch(process.pid)
+            self.launched = process
             end = await self._supervise(process)
             if end.outcome is _Outcome.STOP:
                 await self._terminate(stopping=True)
@@ -311,13 +324,19 @@ class _Replica:
             log_max_bytes=config.log_max_bytes,
             log_keep=config.log_keep,
         )
+        started = time.monotonic()
         process = await self.supervisor.launcher.launch(request)
-        self.note(f"started process {process.pid} (incarnation {incarnation})")
+        self.launched, self.launch_started = process, started
+        how = "forked" if process.how == "fork" else "started"
+        self.note(f"{how} process {process.pid} (incarnation {incarnation})")
         self.update(
             state=ReplicaState.STARTING,
             pid=process.pid,
             pid_start_time=process.start_time,
             incarnation=incarnation,
+            started_by=process.how,
+            launch_seconds=time.monotonic() - started,
+            start_seconds=None,
         )
         return process
 
@@ -334,7 +353,7 @@ class _Replica:
             if winner is _Outcome.STOP:
                 return _End(_Outcome.STOP)
             if winner == "exited":
-                return self._ended_by_itself(was_ready=False)
+                return await self._ended_by_itself(was_ready=False)
             assert isinstance(result, ProbeResult)
             if not result.ok:
                 self.note(result.detail)
@@ -353,9 +372,14 @@ class _Replica:
             if winner is _Outcome.STOP:
                 return _End(_Outcome.STOP)
             if winner == "exited":
-                return self._ended_by_itself(was_ready=False)
+                return await self._ended_by_itself(was_ready=False)
         self.tracker.became_ready()
-        self.update(state=ReplicaState.READY)
+        if self.launch_started is not None:
+            # The start-up breakdown: launch (fork or spawn) then init (until the probe passed).
+            self.update(state=ReplicaState.READY, start_seconds=time.monotonic() - self.launch_started)
+            self.launch_started = None
+        else:
+            self.update(state=ReplicaState.READY)
         if spec.kind != "worker":  # services and functions listen
             assert spec.socket_path is not None
             winner, result = await self._race(
@@ -368,7 +392,7 @@ class _Replica:
         if winner is _Outcome.STOP:
             return _End(_Outcome.STOP)
         if winner == "exited":
-            return self._ended_by_itself(was_ready=True)
+            return await self._ended_by_itself(was_ready=True)
         assert isinstance(result, ProbeResult)
         error = f"failed {probes.failure_threshold} liveness probes in a row; last: {result.detail}"
         self.update(state=ReplicaState.UNHEALTHY, last_error=error)
@@ -462,9 +486,20 @@ class _Replica:
                 self.note(message)
                 self.update(state=ReplicaState.UNHEALTHY, last_error=message)
 
-    def _ended_by_itself(self, *, was_ready: bool) -> _End:
+    async def _exit_code(self) -> int | None:
+        """The ended process's exit code: ours when we reaped it, else the launcher's word."""
         assert self.watch is not None
         code = self.watch.exited.result().code
+        reported = self.launched.exit_code if self.launched is not None else None
+        if code is None and reported is not None:
+            # The parent that reaps it (a warm parent) reports just after the exit.
+            with contextlib.suppress(TimeoutError):
+                code = await asyncio.wait_for(asyncio.shield(reported), EXIT_CODE_WAIT)
+        return code
+
+    async def _ended_by_itself(self, *, was_ready: bool) -> _End:
+        assert self.watch is not None
+        code = await self._exit_code()
         how = describe_exit_code(code)
         if code is not None and code >= 0:
             with contextlib.suppress(ValueError):
@@ -498,7 +533,7 @@ class _Replica:
             self.warn(f"process {watch.pid} did not exit after SIGKILL; no longer watched")
             self.update(last_exit_code=None)
             return
-        code = watch.exited.result().code
+        code = await self._exit_code()
         self.note(f"process {watch.pid} {describe_exit_code(code)}")
         self.update(last_exit_code=code)
 
@@ -676,6 +711,7 @@ class Supervisor:
             await asyncio.gather(*(self.stop(rid) for rid in list(self._replicas)))
         await self._tasks.close()
         self._replicas.clear()
+        await self.launcher.close()
 
     async def __aenter__(self) -> Supervisor:
         return self

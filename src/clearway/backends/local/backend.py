@@ -49,6 +49,7 @@ from clearway.backends.base import (
 from clearway.backends.local.artifacts import ArtifactStore
 from clearway.backends.local.gateway import GatewayProcess
 from clearway.backends.local.records import ReplicaRecords
+from clearway.backends.local.startups import StartupMetrics
 from clearway.exceptions import RuntimeStartError
 from clearway.runtime import (
     ReplicaSpec,
@@ -59,6 +60,7 @@ from clearway.runtime import (
     rotate_log,
     tail_log,
 )
+from clearway.runtime.forking import ForkLauncher
 from clearway.runtime.functions import HEALTH_PATH as FUNCTION_HEALTH_PATH
 from clearway.spec.ids import branch_label, commit_label
 from clearway.spec.ids import replica_id as make_replica_id
@@ -141,7 +143,9 @@ class LocalBackend:
         if self.sockets_dir.parent.name == "clearway" or self.sockets_dir.parent.name.startswith("clearway-"):
             _private_dir(self.sockets_dir.parent)
         _private_dir(self.sockets_dir)
-        self.supervisor = Supervisor(on_change=self._on_change, credentials=config.replica_token)
+        self.supervisor = Supervisor(
+            on_change=self._on_change, credentials=config.replica_token, launcher=ForkLauncher()
+        )
         self._specs: dict[str, ReplicaSpec] = {}
         self._statuses: dict[str, ReplicaStatus] = {}
         self._draining: dict[str, int] = {}
@@ -154,6 +158,7 @@ class LocalBackend:
         self._generation = 0
         self._changed = asyncio.Event()
         self._start_errors: dict[str, str] = {}
+        self._startups = StartupMetrics()
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -212,6 +217,9 @@ class LocalBackend:
         self._listeners.append(callback)
 
     def _on_change(self, status: ReplicaStatus) -> None:
+        previous = self._statuses.get(status.replica_id)
+        if status.start_seconds is not None and (previous is None or previous.start_seconds is None):
+            self._startups.observe(self._specs.get(status.replica_id), status)
         self._statuses[status.replica_id] = status
         self._changed.set()
         self.records.put_status(status)
@@ -243,7 +251,13 @@ class LocalBackend:
             code_dir=self.artifacts.code_dir(workload.app, workload.artifact),
             app_file=workload.app_file,
             python=self.artifacts.python(workload.artifact),
-            workdir=self.home / "replicas" / replica_id,
+            # A function's replicas keep their workdirs side by side: its warm parent's view
+            # holds that directory (clearway.runtime.forking).
+            workdir=(
+                self.home / "replicas" / f"{workload.revision}.{component}" / replica_id
+                if is_function
+                else self.home / "replicas" / replica_id
+            ),
             log_path=self.home / "logs" / workload.app / f"{replica_id}.log",
             env=env,
             health_path=comp.health if isinstance(comp, ServiceSpec) else FUNCTION_HEALTH_PATH if is_function else None,
@@ -280,6 +294,11 @@ class LocalBackend:
                 for index in range(count):
                     spec = self._replica_spec(workload, component, index)
                     wanted[spec.replica_id] = spec
+        # Every function may be asked for a replica at any moment, at zero replicas too:
+        # its warm parent stays ready for as long as the revision runs.
+        self.supervisor.launcher.retain(
+            self._replica_spec(workload, fn.name, 0) for workload in desired.workloads for fn in workload.spec.functions
+        )
 
         for replica_id, spec in wanted.items():
             self._draining.pop(replica_id, None)
@@ -538,6 +557,9 @@ class LocalBackend:
                     endpoint=f"unix:{status.socket_path}" if status and status.socket_path else None,
                     restarts=status.restarts if status else 0,
                     error=status.last_error if status else None,
+                    started_by=status.started_by if status else None,
+                    launch_ms=_ms(status.launch_seconds) if status else None,
+                    start_ms=_ms(status.start_seconds) if status else None,
                 )
             )
         return infos
@@ -595,7 +617,8 @@ class LocalBackend:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def metrics(self) -> str:
-        return await self.gateway.metrics()
+        """The gateway's metrics, then the replicas' start-up times."""
+        return await self.gateway.metrics() + self._startups.exposition()
 
     async def traffic(self) -> Mapping[str, TrafficSample]:
         """The gateway's request counters per revision (for the canary analysis); {} if it does not answer."""
@@ -604,6 +627,15 @@ class LocalBackend:
     async def load(self) -> list[ComponentLoad]:
         """The gateway's load per (app, revision, component) (for the autoscaler); [] if it does not answer."""
         return await self.gateway.load()
+
+    async def wait_held(self, after: int, within: float) -> int:
+        """The gateway's hold sequence number once a request is held, or after ``within`` (see ``Backend``)."""
+        seq = await self.gateway.wait_held(after, within)
+        return after if seq is None else seq
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 #: Seconds the gateway's timeout for a function exceeds the function's own.

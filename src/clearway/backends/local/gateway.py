@@ -6,8 +6,12 @@ time are recorded in ``gateway.json``; a restarted control plane adopts the
 running gateway when the pid still names the same process (start time matches)
 and it listens where it should, and starts a new one otherwise.
 
-Routes reach it as a file written atomically (write, fsync, rename) followed by
-SIGHUP; the gateway reports the generation it has loaded on its admin socket,
+Routes reach it as a file written atomically (write, rename) followed by
+SIGHUP; not fsynced, because the write is on the path of every cold start (an
+fsync costs milliseconds) and the rename alone is atomic for every process
+that reads it: the page cache outlives any process crash, and after a crash of
+the machine itself nothing it describes is running any more — the control
+plane publishes a new table on start. the gateway reports the generation it has loaded on its admin socket,
 which is how the backend knows when it is safe to stop a drained replica.
 """
 
@@ -33,6 +37,8 @@ from clearway.runtime.process import ProcessWatch, is_alive, read_start_time
 
 #: How long a fresh gateway may take to answer on its admin socket.
 START_TIMEOUT = 20.0
+#: How much longer than the asked wait a ``GET /holds`` may take to be answered.
+HOLDS_MARGIN = 2.0
 
 log = logging.getLogger("clearway.backends.local")
 
@@ -63,6 +69,8 @@ class GatewayProcess:
         self._exit: ProcessWatch | None = None
         #: Called when the gateway process ends (the backend restarts it).
         self.on_exit: Callable[[], None] = lambda: None
+        #: ``wait_held`` failed last time (it warns once per outage, not per call).
+        self._holds_failing = False
         self._client = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(self.admin_socket)),
             base_url="http://gateway",
@@ -73,7 +81,9 @@ class GatewayProcess:
         if self._adopt():
             self.reload()
             return
-        if not self.routes_path.exists():
+        try:
+            json.loads(self.routes_path.read_text())
+        except (OSError, ValueError):  # none yet, or torn by a crash of the machine
             self.write_routes(initial_routes)
         await self._start()
 
@@ -187,8 +197,6 @@ class GatewayProcess:
         tmp = self.routes_path.with_suffix(".tmp")
         with tmp.open("w") as handle:
             json.dump(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, self.routes_path)
 
     def reload(self) -> None:
@@ -252,6 +260,36 @@ class GatewayProcess:
             log.warning("cannot read the gateway's load: %s", exc)
             return []
         return [load for load in loads if load.revision]
+
+    async def wait_held(self, after: int, within: float) -> int | None:
+        """The gateway's hold sequence number once it differs from ``after``, or after ``within`` s.
+
+        A long-poll of ``GET /holds``: the gateway answers as soon as a request
+        is held (it found no ready replica), which is how a cold start reaches
+        the autoscaler in milliseconds.  None when the gateway does not answer;
+        then the rest of ``within`` is waited out first, so a caller looping
+        on this never spins while the gateway is down.  The first failure of
+        an outage is a warning, later ones are debug messages.
+        """
+        deadline = time.monotonic() + within
+        try:
+            response = await self._client.get(
+                "/holds", params={"after": after, "wait": within}, timeout=within + HOLDS_MARGIN
+            )
+            response.raise_for_status()
+            seq = response.json()["seq"]
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise ValueError(f"expected an integer seq, got {seq!r}")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            if self._holds_failing:
+                log.debug("cannot wait for held requests at the gateway: %s", exc)
+            else:
+                self._holds_failing = True
+                log.warning("cannot wait for held requests at the gateway: %s", exc)
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            return None
+        self._holds_failing = False
+        return seq
 
     async def stop(self) -> None:
         pid = self.pid

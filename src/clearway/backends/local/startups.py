@@ -1,0 +1,52 @@
+"""How long replicas take to start, per revision and component, as Prometheus histograms.
+
+A cold start is a chain: the request waits at the gateway (its
+``clearway_gateway_hold_seconds``), the replica's process is made (forked
+from a warm parent, or spawned), it initialises until its readiness probe
+passes, then it answers the held request (the gateway's
+``clearway_gateway_held_first_response_seconds``). The middle two are the
+runtime's, and they are recorded here, from the supervisor's reports, so that
+``GET /v1/metrics`` shows every link of the chain side by side:
+
+``clearway_replica_start_seconds{app, revision, component, how, phase}``
+    ``how`` is ``fork`` or ``spawn``; ``phase`` is ``launch`` (making the
+    process) or ``ready`` (from the launch to the first passed probe, so it
+    includes the launch).
+
+Each process start is observed once, when it first becomes ready.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from clearway.runtime import ReplicaSpec, ReplicaStatus
+
+__all__ = ["StartupMetrics"]
+
+#: From a fork (a millisecond or so) to a slow import (tens of seconds).
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class StartupMetrics:
+    def __init__(self) -> None:
+        self._registry = CollectorRegistry(auto_describe=True)
+        self._seconds = Histogram(
+            "clearway_replica_start_seconds",
+            "Start-up of replica processes: making the process (launch) and until its readiness probe passed (ready).",
+            ["app", "revision", "component", "how", "phase"],
+            buckets=BUCKETS,
+            registry=self._registry,
+        )
+
+    def observe(self, spec: ReplicaSpec | None, status: ReplicaStatus) -> None:
+        """Record the start of ``status``'s process (call once, when it is first ready)."""
+        if spec is None or status.start_seconds is None:
+            return
+        labels = (spec.app, spec.revision, spec.component, status.started_by or "spawn")
+        if status.launch_seconds is not None:
+            self._seconds.labels(*labels, "launch").observe(status.launch_seconds)
+        self._seconds.labels(*labels, "ready").observe(status.start_seconds)
+
+    def exposition(self) -> str:
+        return generate_latest(self._registry).decode()
