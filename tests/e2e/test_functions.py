@@ -313,7 +313,7 @@ def test_an_idle_function_scales_to_zero_and_a_request_wakes_it(platform: Platfo
             assert start["how"] == "fork" and 0 < start["launch_ms"] <= start["ready_ms"], start
             metrics = client.get("/v1/metrics").text
             revision = client.get("/v1/apps/sleepy/functions").json()["revision"]
-            labels = f'app="sleepy",component="hello",how="fork",phase="ready",revision="{revision}"'
+            labels = f'app="sleepy",component="hello",how="fork",phase="init",revision="{revision}"'
             # Two starts: the deploy's (every new revision proves it starts), then the cold start.
             assert f"clearway_replica_start_seconds_count{{{labels}}} 2.0" in metrics, metrics[-3000:]
             held = f'app="sleepy",component="hello",revision="{revision}"'

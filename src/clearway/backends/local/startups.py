@@ -10,8 +10,8 @@ runtime's, and they are recorded here, from the supervisor's reports, so that
 
 ``clearway_replica_start_seconds{app, revision, component, how, phase}``
     ``how`` is ``fork`` or ``spawn``; ``phase`` is ``launch`` (making the
-    process) or ``ready`` (from the launch to the first passed probe, so it
-    includes the launch).
+    process) or ``init`` (from then until its first readiness probe passed:
+    the app's and the server's start-up, and the probe).
 
 Each process start is observed once, when it first becomes ready.
 """
@@ -33,7 +33,7 @@ class StartupMetrics:
         self._registry = CollectorRegistry(auto_describe=True)
         self._seconds = Histogram(
             "clearway_replica_start_seconds",
-            "Start-up of replica processes: making the process (launch) and until its readiness probe passed (ready).",
+            "Start-up of replica processes: making the process (launch), then until its readiness probe passed (init).",
             ["app", "revision", "component", "how", "phase"],
             buckets=BUCKETS,
             registry=self._registry,
@@ -44,9 +44,9 @@ class StartupMetrics:
         if spec is None or status.start_seconds is None:
             return
         labels = (spec.app, spec.revision, spec.component, status.started_by or "spawn")
-        if status.launch_seconds is not None:
-            self._seconds.labels(*labels, "launch").observe(status.launch_seconds)
-        self._seconds.labels(*labels, "ready").observe(status.start_seconds)
+        launch = status.launch_seconds or 0.0
+        self._seconds.labels(*labels, "launch").observe(launch)
+        self._seconds.labels(*labels, "init").observe(max(0.0, status.start_seconds - launch))
 
     def exposition(self) -> str:
         return generate_latest(self._registry).decode()
