@@ -23,17 +23,24 @@ EXPECTED = {
     "FunctionError",
     "FunctionSpec",
     "Job",
+    "Leadership",
+    "Lock",
+    "LockError",
+    "LockTimeout",
     "NotRunningError",
     "Request",
     "Response",
     "RuntimeStartError",
     "ScheduleSpec",
     "ServiceSpec",
+    "Shard",
     "SpecError",
     "WorkerSpec",
     "__version__",
     "identity_headers",
+    "leader",
     "service_url",
+    "shard_for",
 }
 
 
@@ -48,7 +55,8 @@ def test_every_exported_exception_is_a_clearway_error() -> None:
     not_exceptions = {
         "App", "AppSpec", "CanaryPolicy", "CloudEvent", "Component", "Cron", "Every", "Function", "FunctionSpec",
         "Job", "Request", "Response", "ScheduleSpec", "ServiceSpec", "WorkerSpec", "__version__",
-        "identity_headers", "service_url",
+        "identity_headers", "service_url", "Leadership", "Lock", "leader",
+        "Shard", "shard_for",
     }
     for name in EXPECTED - not_exceptions:
         assert issubclass(getattr(clearway, name), clearway.ClearwayError), name

@@ -38,6 +38,8 @@ from clearway.sdk import (
     identity_headers,
     service_url,
 )
+from clearway.sdk.coordination import Leadership, Lock, LockError, LockTimeout, leader
+from clearway.sdk.sharding import Shard, shard_for
 from clearway.spec import AppSpec, CanaryPolicy, FunctionSpec, ScheduleSpec, ServiceSpec, WorkerSpec
 
 if TYPE_CHECKING:
@@ -63,17 +65,24 @@ __all__ = [
     "FunctionError",
     "FunctionSpec",
     "Job",
+    "Leadership",
+    "Lock",
+    "LockError",
+    "LockTimeout",
     "NotRunningError",
     "Request",
     "Response",
     "RuntimeStartError",
     "ScheduleSpec",
     "ServiceSpec",
+    "Shard",
     "SpecError",
     "WorkerSpec",
     "__version__",
     "identity_headers",
+    "leader",
     "service_url",
+    "shard_for",
 ]
 
 

@@ -13,6 +13,9 @@ about it, because the person reading it is usually a developer at a terminal.
     ├── DeployError               a revision failed to build, import, start or become ready
     ├── RuntimeStartError         a replica or the gateway could not be started
     ├── FunctionError             a function called through the platform failed (status + error id)
+    ├── CoordinationError         a lock, lease or election operation went wrong (clearway.coordination)
+    │   ├── LeaseGone             the lease expired, was revoked or never existed
+    │   └── CoordinationUnavailable  the coordination backend (embedded store, etcd) does not answer
     ├── StorageFull               the disk holding the state is full (control.faults; API 507)
     └── StateIntegrityError       state.db is damaged or lost commits (control.faults; refused at start)
 
@@ -27,8 +30,11 @@ __all__ = [
     "AuthenticationError",
     "ClearwayError",
     "ControlPlaneError",
+    "CoordinationError",
+    "CoordinationUnavailable",
     "DeployError",
     "FunctionError",
+    "LeaseGone",
     "NotRunningError",
     "RuntimeStartError",
     "SpecError",
@@ -116,3 +122,23 @@ class FunctionError(ClearwayError):
         self.error_id = error_id
         self.details = details
         super().__init__(message if not details else f"{message}\n{details}")
+
+
+class CoordinationError(ClearwayError):
+    """A coordination operation (lease, lock, election, shard) went wrong."""
+
+
+class LeaseGone(CoordinationError):
+    """The lease expired, was revoked or never existed: whatever it held is no longer held.
+
+    Take a new lease (and acquire again); a holder that gets this must stop acting
+    as the holder at once.
+    """
+
+
+class CoordinationUnavailable(CoordinationError):
+    """The coordination backend does not answer (etcd down or unreachable, store closed).
+
+    Nothing is known about the state of the lease: the holder keeps its own deadline
+    and retries; if its deadline passes first, it must consider the lock lost.
+    """

@@ -2,7 +2,7 @@
 
 It records what the control plane asks for and answers with what the test set:
 readiness per revision, whether the data plane confirms (`converged`),
-which incarnation each replica runs with, the gateway's traffic counters
+which incarnation each replica runs with, the shard owners it was given (`shard_owners`), the gateway's traffic counters
 (`samples`), its load per component (`loads`) and its hold sequence number (`hold_seq`). `split(app)` is the last traffic split the control plane applied.
 """
 
@@ -38,6 +38,8 @@ class FakeBackend:
     loads: list[ComponentLoad] = field(default_factory=list)
     #: What `wait_held` answers: requests held so far (a test bumps it to signal a cold start).
     hold_seq: int = 0
+    #: The shard owners the control plane set, by (app, component).
+    shard_owners: dict[tuple[str, str], dict[int, str]] = field(default_factory=dict)
 
     async def start(self) -> None:
         pass
@@ -50,6 +52,9 @@ class FakeBackend:
 
     def replica_incarnation(self, replica_id: str) -> str | None:
         return self.incarnations.get(replica_id)
+
+    async def set_shard_owners(self, app: str, component: str, owners: Mapping[int, str]) -> None:
+        self.shard_owners[(app, component)] = dict(owners)
 
     def observe(self) -> Mapping[str, RevisionObservation]:
         if not self.applied:

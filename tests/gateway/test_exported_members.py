@@ -5,7 +5,7 @@ import clearway.gateway
 
 def test_exported_members() -> None:
     assert sorted(clearway.gateway.__all__) == [
-        "AllowRule", "Gateway", "GatewaySettings", "GatewayState", "IdentityKeyError", "ListenError", "Route",
+        "Affinity", "AllowRule", "Gateway", "GatewaySettings", "GatewayState", "IdentityKeyError", "ListenError", "Route",
         "RouteTable", "RoutesError", "Target", "load_routes",
     ]
     for name in clearway.gateway.__all__:

@@ -276,6 +276,11 @@ class Backend(Protocol):
         """The incarnation of the process running as ``replica_id`` now, if any:
         how the control plane refuses a stopped or restarted replica's credential."""
 
+    async def set_shard_owners(self, app: str, component: str, owners: Mapping[int, str]) -> None:
+        """Which replica (id) owns each shard of sharded service ``component`` of ``app`` now
+        (the holders of its shard locks, any revision): the data plane sends a request
+        with a key to its shard's owner when that replica is ready (key affinity)."""
+
     def observe(self) -> Mapping[str, RevisionObservation]:
         """Readiness per revision that the backend runs."""
 

@@ -90,6 +90,11 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 @click.option("--domain", "domains", multiple=True, help="Domain apps are served under (repeatable; default localhost).")
 @click.option("--api-port", type=click.IntRange(0, 65535), help="Control-plane API port (default: a free one, kept across restarts).")
 @click.option("--keep-revisions", type=click.IntRange(1, 10_000), help="Revisions per app whose code and environment are kept for rollback (default 10, or as last time).")
+@click.option(
+    "--coordination",
+    metavar="embedded|etcd://HOST:PORT",
+    help="Where locks and leases live: the control plane itself (default) or an etcd server.",
+)
 @click.option("--detach", "-d", is_flag=True, help="Run in the background and return once it answers.")
 @click.pass_context
 @run_command
@@ -100,13 +105,21 @@ def up(
     domains: tuple[str, ...],
     api_port: int | None,
     keep_revisions: int | None,
+    coordination: str | None,
     detach: bool,
 ) -> None:
     """Start the platform: control plane + gateway (adopting running apps)."""
     from clearway.control.server import Settings, run_foreground
 
     home = home_of(ctx)
-    settings = Settings(port=port, host=host, api_port=api_port, domains=domains or None, keep_revisions=keep_revisions)
+    settings = Settings(
+        port=port,
+        host=host,
+        api_port=api_port,
+        domains=domains or None,
+        keep_revisions=keep_revisions,
+        coordination=coordination,
+    )
     if not detach:
         run_foreground(home.root, settings)
         return
@@ -116,7 +129,13 @@ def up(
         return
     home.create()
     args = [sys.executable, "-m", "clearway.cli.main", "--home", str(home.root), "up"]
-    for flag, value in (("--port", port), ("--host", host), ("--api-port", api_port), ("--keep-revisions", keep_revisions)):
+    for flag, value in (
+        ("--port", port),
+        ("--host", host),
+        ("--api-port", api_port),
+        ("--keep-revisions", keep_revisions),
+        ("--coordination", coordination),
+    ):
         if value is not None:
             args += [flag, str(value)]
     for domain in domains:

@@ -120,6 +120,22 @@ def app_detail(view: View) -> Group:
     for rep in view["replicas"]:
         reps.add_row(rep["id"], rep["state"], str(rep["pid"] or "-"), rep["endpoint"] or "-", str(rep["restarts"]))
     parts.append(reps)
+    locks = view.get("locks") or []
+    if locks:
+        held = Table("LOCK", "HOLDER", "TOKEN", box=None, pad_edge=False)
+        # Numbered parts in number order (shard 2 before shard 10).
+        def order(lock: dict[str, Any]) -> list[tuple[int, int, str]]:
+            return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in str(lock["lock"]).split("/")]
+
+        for lock in sorted(locks, key=order):
+            name = str(lock["lock"])
+            if name.startswith("singleton/"):
+                name = f"{name.removeprefix('singleton/')} (singleton leader)"
+            elif name.startswith("shards/") and name.count("/") >= 3:
+                _, worker, what, part = name.split("/", 3)
+                name = f"{worker} shard {part}" if what == "shard" else f"{worker} shards member" if what == "members" else name
+            held.add_row(escape(name), escape(str(lock["replica"])), str(lock["token"]))
+        parts.append(held)
     previews = view.get("previews") or []
     if previews:
         table = Table("PREVIEW", "REVISION", "COMMIT", "STATE", box=None, pad_edge=False)

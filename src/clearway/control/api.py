@@ -58,6 +58,7 @@ import clearway
 from clearway.backends.base import Backend, RevisionObservation
 from clearway.control.audit import AuditMiddleware, note
 from clearway.control.autoscaler import Autoscaler
+from clearway.control.coordination_api import app_holdings, coordination_api
 from clearway.control.credentials import PIN_HEADER, TOKEN_TTL, ReplicaIdentity, SigningKey
 from clearway.control.event_ingress import (
     MalformedEvents,
@@ -94,6 +95,7 @@ from clearway.control.store import (
 )
 from clearway.control.uploads import check_env, parse_env, receive
 from clearway.control.webhooks import GitHubWebhooks, WebhookRequest
+from clearway.coordination import Coordinator
 from clearway.exceptions import APIError
 from clearway.spec.model import json_schema
 
@@ -249,6 +251,7 @@ def create_api(
     git: GitRemote | None = None,
     webhooks: GitHubWebhooks | None = None,
     dispatcher: Dispatcher | None = None,
+    coordinator: Coordinator | None = None,
 ) -> FastAPI:
     api = FastAPI(
         title="clearway control plane",
@@ -468,7 +471,11 @@ def create_api(
     @api.get("/v1/apps/{name}", dependencies=auth, tags=["apps"])
     async def get_app(name: str) -> dict[str, Any]:
         need_app(name)
-        return app_view(name)
+        view = app_view(name)
+        if coordinator is not None:
+            # Who holds each lock and leads each singleton (clearway.control.coordination_api).
+            view["locks"] = await app_holdings(coordinator, name)
+        return view
 
     @api.delete("/v1/apps/{name}", dependencies=auth, tags=["apps"])
     async def delete_app(name: str) -> dict[str, str]:
@@ -886,6 +893,11 @@ def create_api(
             need_app=need_app,
             replica_identity=replica_identity,
             autoscaler=reconciler.autoscaler,
+        )
+
+    if coordinator is not None:
+        coordination_api(
+            api, coordinator=coordinator, auth=auth, need_app=need_app, replica_identity=replica_identity
         )
 
     @api.get("/v1/metrics", dependencies=auth, tags=["platform"], response_class=PlainTextResponse)

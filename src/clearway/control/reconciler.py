@@ -105,6 +105,9 @@ class Reconciler:
         self.autoscaler = Autoscaler()
         #: The functions of the running revisions, as of the last pass (the autoscaler's scope).
         self.functions: dict[tuple[str, str], tuple[str, FunctionSpec]] = {}
+        #: (app, service) of the running revisions' sharded services with affinity, as of the last
+        #: pass (whose shard owners `control.shard_owners` follows).
+        self.sharded_services: frozenset[tuple[str, str]] = frozenset()
         self._wake = asyncio.Event()
         self._passes = 0
         self._pass_done = asyncio.Condition()
@@ -197,6 +200,9 @@ class Reconciler:
         ]
         self.functions = {(r.id, fn.name): (r.app, fn) for r in running for fn in r.spec.functions}
         self.autoscaler.forget(self.functions)
+        self.sharded_services = frozenset(
+            (r.app, s.name) for r in running for s in r.spec.services if s.shards and s.affinity
+        )
         return DesiredState(workloads=workloads, traffic=traffic, aliases=aliases)
 
     def replicas_wanted(self, revision: Revision, app: AppRecord | None) -> dict[str, int]:

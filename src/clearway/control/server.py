@@ -48,11 +48,13 @@ from clearway.control.reconciler import Reconciler
 from clearway.control.retention import DEFAULT_KEEP_REVISIONS, Retention
 from clearway.control.revisions import Ownership, RevisionBuilder
 from clearway.control.schedules import Scheduler
+from clearway.control.shard_owners import ShardOwners
 from clearway.control.smoke import SmokeChecks
 from clearway.control.store import DEFAULT_UID_BASE, Store
 from clearway.control.uploads import UploadLimits
 from clearway.control.webhooks import GitHubWebhooks
-from clearway.exceptions import RuntimeStartError
+from clearway.coordination import connect as connect_coordinator
+from clearway.exceptions import CoordinationError, RuntimeStartError
 from clearway.tasks import TaskSupervisor
 
 log = logging.getLogger("clearway.control")
@@ -71,6 +73,8 @@ class Settings:
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
     #: Revisions per app whose code and environment are kept for rollback.
     keep_revisions: int | None = None
+    #: Where locks and leases live: "embedded" (the control plane) or "etcd://host:port".
+    coordination: str | None = None
 
 
 #: Gateway port when nothing says otherwise.
@@ -206,6 +210,19 @@ class ControlPlane:
             keep = int(store.get_meta("keep_revisions") or DEFAULT_KEEP_REVISIONS)
         store.set_meta("keep_revisions", str(keep))
         retention = Retention(store, self.home.root, builder.environments, builder.artifact_lock, keep=keep)
+        coordination = self.settings.coordination or store.get_meta("coordination") or "embedded"
+        try:
+            coordinator = connect_coordinator(coordination, home=self.home.root)
+            await coordinator.start()
+        except (ValueError, CoordinationError) as exc:
+            api_sock.close()
+            await backend.close(stop_workloads=False)
+            store.close()
+            raise RuntimeStartError(
+                f"cannot use {coordination!r} for coordination: {exc}. Give `clearway up --coordination` "
+                "`embedded` or the address of a running etcd (etcd://host:2379)"
+            ) from None
+        store.set_meta("coordination", coordination)
 
         async def collect() -> None:
             await retention.collect()
@@ -240,6 +257,7 @@ class ControlPlane:
             git=remote,
             webhooks=GitHubWebhooks(store=store, remote=remote, tasks=tasks),
             dispatcher=dispatcher,
+            coordinator=coordinator,
         )
         server = _EmbeddedServer(
             uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
@@ -260,6 +278,8 @@ class ControlPlane:
         tasks.start_forever("autoscaler", reconciler.autoscale)
         tasks.start_forever("invocations", dispatcher.run)
         tasks.start_forever("schedules", scheduler.run)
+        shard_owners = ShardOwners(coordinator, backend, lambda: reconciler.sharded_services)
+        tasks.start_forever("shard owners", shard_owners.run)
         api_task = tasks.start_forever("api", lambda: server.serve(sockets=[api_sock]))
         try:
             while not server.started:
@@ -278,6 +298,7 @@ class ControlPlane:
             await dispatcher.caller.aclose()
             await reconciler.rollouts.close()
             await backend.close(stop_workloads=self._stop_workloads)
+            await coordinator.close()
             store.close()
             with contextlib.suppress(FileNotFoundError):
                 self.home.control_path.unlink()

@@ -30,10 +30,11 @@ calling and may they: replica and platform tokens, internal-route policy, pin to
 
 from ._gateway import Gateway, GatewayState, ListenError
 from ._identity import IdentityKeyError
-from ._routes import AllowRule, Route, RoutesError, RouteTable, Target, load_routes
+from ._routes import Affinity, AllowRule, Route, RoutesError, RouteTable, Target, load_routes
 from ._settings import GatewaySettings
 
 __all__ = [
+    "Affinity",
     "AllowRule",
     "Gateway",
     "GatewaySettings",

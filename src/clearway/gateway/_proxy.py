@@ -266,6 +266,7 @@ class ClientConnection(asyncio.Protocol):
         "_resp_status",
         "_route",
         "_settings",
+        "_shard",
         "_started",
         "_state",
         "_stats",
@@ -318,6 +319,8 @@ class ClientConnection(asyncio.Protocol):
         self._target: BoundTarget | None = None
         self._stats: RevisionStats | None = None
         self._endpoint: Endpoint | None = None
+        #: The shard of the request's key on a route with key affinity; -1: none.
+        self._shard = -1
         #: The replica that answered, for the access log (the endpoint is released first).
         self._upstream_address = ""
         self._upstream: UpstreamConnection | None = None
@@ -713,8 +716,10 @@ class ClientConnection(asyncio.Protocol):
         stats = self._stats = target.stats
         stats.in_flight += 1
 
+        if route.shards:
+            self._shard = route.shard(self._headers, path)
         if target.endpoints:
-            endpoint = route.pick_endpoint(target)
+            endpoint = route.pick_endpoint(target) if self._shard < 0 else route.pick_owner(target, self._shard)
             if endpoint is not None:
                 conn = endpoint.take_idle()
                 if conn is not None:
@@ -834,12 +839,14 @@ class ClientConnection(asyncio.Protocol):
                     continue
                 route, target = new_route, new_target
                 self._switch_target(route, target)
+                self._shard = route.shard(self._headers, self._path) if route.shards else -1
                 continue
             if ctx.closing and not target.endpoints:
                 self._task = None
                 self._respond_error(503, "The gateway is shutting down. Retry the request.")
                 return
-            endpoint = route.pick_endpoint(target, failed)
+            shard = self._shard
+            endpoint = route.pick_endpoint(target, failed) if shard < 0 else route.pick_owner(target, shard, failed)
             if endpoint is None:
                 self._task = None
                 self._upstream_failed(last_error)
@@ -938,6 +945,8 @@ class ClientConnection(asyncio.Protocol):
         if connection is not None and connection.lower() not in _CONNECTION_PLAIN:
             kept = kept[:3] + _drop_connection_listed(kept[3:], connection)
         kept += (b"x-request-id: ", self._request_id, b"\r\n")
+        if self._shard >= 0:
+            kept.append(b"x-clearway-shard: %d\r\n" % self._shard)
         self._resp_started = True
         self._resp_status = status
         if upgraded:

@@ -23,14 +23,21 @@ Balancing choices and why:
   traffic) only with a pin token, see ``_identity.py``.
 * Replicas: least outstanding requests between two randomly chosen ones
   ("power of two choices"): nearly as good as global least-loaded and O(1).
+  A route with key affinity (a sharded service) first tries the endpoint that
+  owns the request's shard (:meth:`BoundRoute.shard`, :meth:`BoundRoute.pick_owner`),
+  when it is one of the revision's ready endpoints; a route without costs
+  nothing extra (``BoundRoute.shards`` is 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import urllib.parse
 from bisect import bisect_right
 from itertools import accumulate
+
+from clearway.sdk.sharding import shard_of
 
 from ._metrics import Metrics, RevisionStats
 from ._routes import Route, RouteTable
@@ -43,13 +50,22 @@ __all__ = ["BoundRoute", "BoundTarget", "EndpointRegistry", "Router"]
 class BoundTarget:
     """A revision of a route, with live endpoints and counters."""
 
-    __slots__ = ("endpoints", "revision", "stats", "weight")
+    __slots__ = ("endpoints", "owners", "revision", "stats", "weight")
 
-    def __init__(self, revision: str, weight: int, endpoints: list[Endpoint], stats: RevisionStats) -> None:
+    def __init__(
+        self,
+        revision: str,
+        weight: int,
+        endpoints: list[Endpoint],
+        stats: RevisionStats,
+        owners: dict[int, Endpoint] | None = None,
+    ) -> None:
         self.revision = revision
         self.weight = weight
         self.endpoints = endpoints
         self.stats = stats
+        #: Shard -> the endpoint of this revision owning it (key affinity; only ready owners).
+        self.owners = owners or {}
 
 
 class BoundRoute:
@@ -61,6 +77,9 @@ class BoundRoute:
         "_total",
         "_weighted",
         "_weighted_by_name",
+        "affinity_header",
+        "affinity_segment",
+        "affinity_under",
         "allow",
         "app",
         "component",
@@ -69,6 +88,7 @@ class BoundRoute:
         "pin_header",
         "prefix",
         "route",
+        "shards",
         "strip_prefix",
         "targets",
         "timeout",
@@ -92,6 +112,12 @@ class BoundRoute:
         self._cumulative = list(accumulate(t.weight for t in self._weighted))
         self._total = self._cumulative[-1] if self._cumulative else 0
         self._rng = rng
+        #: Key affinity: 0 when the route has none (then nothing below is read).
+        affinity = route.affinity
+        self.shards = route.shards if affinity is not None else 0
+        self.affinity_header = affinity.header.encode("latin-1") if affinity and affinity.header else None
+        self.affinity_segment = affinity.segment if affinity and affinity.segment is not None else 0
+        self.affinity_under = (affinity.under if affinity else "/").encode("latin-1")
 
     def matches(self, path: bytes) -> bool:
         prefix = self.prefix
@@ -129,6 +155,34 @@ class BoundRoute:
             if target.revision == revision:
                 return target
         return None
+
+    def shard(self, headers: list[tuple[bytes, bytes]], path: bytes) -> int:
+        """The shard of the request's key (``shards`` > 0), or -1 when it carries none.
+
+        The key is decoded as the app sees it: a header's value as latin-1 (as
+        ASGI servers do), a path segment percent-decoded as UTF-8."""
+        name = self.affinity_header
+        if name is not None:
+            for header, value in headers:
+                if header.lower() == name:
+                    return shard_of(value.decode("latin-1"), self.shards) if value else -1
+            return -1
+        rest = self.forward_path(path)
+        under = self.affinity_under
+        if under != b"/" and rest.startswith(under) and (len(rest) == len(under) or rest[len(under)] == 0x2F):
+            rest = rest[len(under):]
+        parts = rest.split(b"/", self.affinity_segment + 2)
+        index = self.affinity_segment + 1  # parts[0] is the "" before the leading slash
+        if index >= len(parts) or not parts[index]:
+            return -1
+        return shard_of(urllib.parse.unquote_to_bytes(parts[index]).decode("utf-8", "replace"), self.shards)
+
+    def pick_owner(self, target: BoundTarget, shard: int, exclude: set[Endpoint] | None = None) -> Endpoint | None:
+        """The endpoint owning ``shard`` when it serves ``target`` (and is not excluded); else `pick_endpoint`."""
+        owner = target.owners.get(shard)
+        if owner is not None and not (exclude and owner in exclude):
+            return owner
+        return self.pick_endpoint(target, exclude)
 
     def pick_endpoint(self, target: BoundTarget, exclude: set[Endpoint] | None = None) -> Endpoint | None:
         """Power of two choices on in-flight counts; None if nothing is left."""
@@ -196,15 +250,18 @@ class Router:
         self.generation = table.generation
         by_host: dict[bytes, list[BoundRoute]] = {}
         for route in table.routes:
-            targets = [
-                BoundTarget(
-                    t.revision,
-                    t.weight,
-                    [endpoints.get(address) for address in dict.fromkeys(t.endpoints)],
-                    metrics.stats(route.app, t.revision, route.component),
+            targets = []
+            for t in route.targets:
+                bound_endpoints = [endpoints.get(address) for address in dict.fromkeys(t.endpoints)]
+                owners = None
+                if route.owners and route.affinity is not None:
+                    by_address = {e.address: e for e in bound_endpoints}
+                    owners = {s: by_address[a] for s, a in route.owners.items() if a in by_address}
+                targets.append(
+                    BoundTarget(
+                        t.revision, t.weight, bound_endpoints, metrics.stats(route.app, t.revision, route.component), owners
+                    )
                 )
-                for t in route.targets
-            ]
             bound = BoundRoute(route, targets, rng)
             names = {route.host} | {f"{route.host}.{domain}" for domain in table.domains}
             for name in names:

@@ -25,6 +25,14 @@ route's requests per (app, revision, component) instead of per (app,
 revision), which is what the autoscaler reads to size each function on its own
 load (``GET /load`` on the admin socket).
 
+A route of a sharded service may carry key affinity (``"shards"``,
+``"affinity"``, ``"owners"``): the request's key (a header, or a path segment
+after ``affinity.under``) picks shard ``shard_of(key, shards)`` — the SDK's own
+function, so the gateway and the replicas agree — and ``owners`` says which
+endpoint owns each shard now. The gateway prefers that endpoint when it is one
+of the chosen revision's ready endpoints; with no key, no owner, or an owner
+not ready it balances as usual: affinity never fails a request.
+
 Endpoints are ``"unix:/abs/path.sock"`` (replicas listen only on Unix sockets
 that the platform's user may open, so nothing can reach them around the
 gateway's checks) or ``"host:port"`` (kept for tests and benchmarks).
@@ -42,7 +50,7 @@ from typing import Any
 
 from clearway.exceptions import ClearwayError
 
-__all__ = ["AllowRule", "Route", "RouteTable", "RoutesError", "Target", "load_routes"]
+__all__ = ["Affinity", "AllowRule", "Route", "RouteTable", "RoutesError", "Target", "load_routes"]
 
 #: The only routes-file format this gateway reads.
 ROUTES_VERSION = 1
@@ -51,6 +59,10 @@ ROUTES_VERSION = 1
 MAX_UNIX_PATH_BYTES = 107
 #: What a route's component looks like (it becomes a metrics label and a JSON field).
 _COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,200}")
+#: A header name an affinity may read (an HTTP token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
+#: The most shards a route may have (`clearway.sdk.sharding.MAX_SHARDS`).
+MAX_SHARDS = 4096
 
 
 class RoutesError(ClearwayError):
@@ -85,6 +97,21 @@ class AllowRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Affinity:
+    """Where a request's shard key is: request header ``header`` (lowercase), or
+    path segment ``segment`` (from 0) of the forwarded path after ``under``."""
+
+    header: str | None = None
+    segment: int | None = None
+    under: str = "/"
+
+    def to_json(self) -> dict[str, Any]:
+        if self.header is not None:
+            return {"header": self.header}
+        return {"path": self.segment, "under": self.under}
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Requests for ``host`` under ``prefix`` go to one of ``targets``."""
 
@@ -105,6 +132,11 @@ class Route:
     #: The component the targets run; requests are counted per (app, revision,
     #: component). Empty: not said (counted for the revision as a whole).
     component: str = ""
+    #: Key affinity (a sharded service): the shard count (0: none), where the key is,
+    #: and the endpoint owning each shard now (shards without a ready owner are absent).
+    shards: int = 0
+    affinity: Affinity | None = None
+    owners: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +193,15 @@ class RouteTable:
                     "pin_header": r.pin_header,
                     "internal": r.internal,
                     "component": r.component,
+                    **(
+                        {
+                            "shards": r.shards,
+                            "affinity": r.affinity.to_json() if r.affinity is not None else None,
+                            "owners": {str(shard): endpoint for shard, endpoint in sorted(r.owners.items())},
+                        }
+                        if r.shards
+                        else {}
+                    ),
                     **(
                         {"allow": [{"app": a.app, "revision": a.revision, "component": a.component} for a in r.allow]}
                         if r.internal
@@ -231,6 +272,7 @@ def _route(data: Any, where: str) -> Route:
         raise RoutesError(
             f"{where}.component must be a component name (letters, digits, '.', '_', '-'), got {component!r}"
         )
+    shards, affinity, owners = _sharding(data, where)
     return Route(
         app=_str(data.get("app"), f"{where}.app"),
         host=host,
@@ -242,7 +284,51 @@ def _route(data: Any, where: str) -> Route:
         internal=internal,
         allow=allow,
         component=component,
+        shards=shards,
+        affinity=affinity,
+        owners=owners,
     )
+
+
+def _sharding(data: Mapping[str, Any], where: str) -> tuple[int, Affinity | None, dict[int, str]]:
+    """A route's key affinity: ``shards``, ``affinity`` and ``owners`` (all absent, or shards given)."""
+    raw = data.get("shards")
+    if raw is None:
+        if data.get("affinity") is not None or data.get("owners"):
+            raise RoutesError(f"{where}.affinity and {where}.owners need {where}.shards")
+        return 0, None, {}
+    shards = _int(raw, f"{where}.shards")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise RoutesError(f"{where}.shards must be 1 to {MAX_SHARDS}, got {shards}")
+    affinity = None
+    raw_affinity = data.get("affinity")
+    if raw_affinity is not None:
+        if not isinstance(raw_affinity, Mapping):
+            raise RoutesError(f"{where}.affinity must be an object: {{\"header\": name}} or {{\"path\": n, \"under\": prefix}}")
+        if "header" in raw_affinity:
+            header = _str(raw_affinity["header"], f"{where}.affinity.header").lower()
+            if set(raw_affinity) != {"header"} or not _HEADER_NAME.fullmatch(header):
+                raise RoutesError(f"{where}.affinity must be {{\"header\": a header name}}, got {dict(raw_affinity)!r}")
+            affinity = Affinity(header=header)
+        elif "path" in raw_affinity:
+            segment = _int(raw_affinity["path"], f"{where}.affinity.path")
+            under = _str(raw_affinity.get("under", "/"), f"{where}.affinity.under")
+            if set(raw_affinity) - {"path", "under"} or segment < 0 or not under.startswith("/"):
+                raise RoutesError(
+                    f"{where}.affinity must be {{\"path\": a segment from 0, \"under\": a path}}, got {dict(raw_affinity)!r}"
+                )
+            affinity = Affinity(segment=segment, under=under.rstrip("/") or "/")
+        else:
+            raise RoutesError(f"{where}.affinity must name a \"header\" or a \"path\" segment")
+    raw_owners = data.get("owners", {})
+    if not isinstance(raw_owners, Mapping):
+        raise RoutesError(f"{where}.owners must be an object mapping shards to endpoints")
+    owners: dict[int, str] = {}
+    for key, endpoint in raw_owners.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < shards):
+            raise RoutesError(f"{where}.owners: {key!r} is not a shard of 0 to {shards - 1}")
+        owners[int(key)] = _endpoint(endpoint, f"{where}.owners[{key!r}]")
+    return shards, affinity, owners
 
 
 def _allow(data: Any, where: str) -> AllowRule:

@@ -19,6 +19,7 @@ Modules, one concept each::
     launcher      Launcher protocol, SpawnLauncher (posix_spawn)
     forking       ForkLauncher: function replicas forked from a warm parent
     warmparent    the warm parent process (run with -m): imports once, forks replicas
+    warmprotocol  the descriptor numbers and sizes both ends of a fork request agree on
     isolation     bubblewrap view and setpriv uid switch, for every replica
     process       pidfd watching, (pid, start time) identity, group signals
     restarts      backoff and crash-loop policy

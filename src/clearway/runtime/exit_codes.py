@@ -26,6 +26,8 @@ class ExitCode(enum.IntEnum):
     BAD_COMPONENT = 4
     # The server did not start, e.g. the app's lifespan startup failed.
     SERVER_START = 5
+    # A sync singleton's leadership was lost while it ran: the process ended so it cannot act.
+    LEADERSHIP_LOST = 6
 
     def describe(self) -> str:
         return {
@@ -35,4 +37,5 @@ class ExitCode(enum.IntEnum):
             ExitCode.APP_LOAD: "could not load the app",
             ExitCode.BAD_COMPONENT: "the component is missing or did not return a web app",
             ExitCode.SERVER_START: "the web server failed to start",
+            ExitCode.LEADERSHIP_LOST: "its singleton lost leadership while running",
         }[self]

@@ -67,7 +67,7 @@ from clearway.runtime.launcher import LaunchedProcess, LaunchRequest, SpawnLaunc
 from clearway.runtime.logs import log_position, read_log_since
 from clearway.runtime.process import ProcessWatch, is_alive, read_start_time, signal_group
 from clearway.runtime.spec import ReplicaSpec, replica_environment
-from clearway.runtime.warmparent import CONTROL_FD, MAX_MESSAGE
+from clearway.runtime.warmprotocol import CONTROL_FD, MAX_MESSAGE
 from clearway.tasks import TaskSupervisor
 
 __all__ = ["ForkLauncher", "warm_parent_spec"]

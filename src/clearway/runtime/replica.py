@@ -12,7 +12,9 @@ code snapshot and runs one component:
   see the file), and it survives restarts. The socket is handed to
   ``uvicorn.Server.run(sockets=...)``.
   On SIGTERM uvicorn stops accepting, lets in-flight requests finish for most
-  of the grace period, runs the app's lifespan shutdown and exits 0.
+  of the grace period, runs the app's lifespan shutdown and exits 0. A sharded
+  service (``shards=N``) also owns its share of the shards, in a thread beside
+  uvicorn (`clearway.sdk.sharding.ShardOwnership`), and leaves them on SIGTERM.
 * a **function** is served the same way, with the web app built by
   `clearway.runtime.functions.function_app` from the function and its
   ``FunctionSpec`` (found in the loaded app by the component's name).
@@ -36,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import inspect
 import json
 import os
@@ -64,14 +67,18 @@ from clearway.runtime.spec import (
     Interface,
     ReplicaSpec,
 )
+from clearway.sdk.coordination import Leadership, Lock, LockError
 from clearway.sdk.loader import load_app
-from clearway.spec.model import FunctionSpec
+from clearway.sdk.sharding import ShardedWorker, ShardOwnership
+from clearway.spec.model import FunctionSpec, ServiceSpec, WorkerSpec
 
 __all__ = ["TokenRenewer", "main", "token_lifetime"]
 
 #: How long before trying again after a failed renewal: doubles from the first to the last.
 RENEW_RETRY_FIRST = 1.0
 RENEW_RETRY_MAX = 60.0
+#: How long a stopping sharded service waits for its leave (the revoke of its lease) to end.
+SHARD_LEAVE_TIMEOUT = 3.0
 
 
 def _say(message: str) -> None:
@@ -115,8 +122,14 @@ def main() -> int:
         return ExitCode.BAD_COMPONENT
     if spec.kind == "service":
         listen_fd = int(os.environ[LISTEN_FD_ENV_VAR])
+        shards = None
+        if isinstance(component.spec, ServiceSpec) and component.spec.shards:
+            shards = ShardOwnership(
+                spec.component, shards=component.spec.shards, ttl=component.spec.lease_ttl,
+                replica=spec.replica_id, say=_say,
+            )  # fmt: skip
         return _serve(
-            component.target, interface=spec.interface, grace=spec.grace_period, listen_fd=listen_fd
+            component.target, interface=spec.interface, grace=spec.grace_period, listen_fd=listen_fd, shards=shards
         )
     if spec.kind == "function":
         if not isinstance(component.spec, FunctionSpec):
@@ -129,10 +142,20 @@ def main() -> int:
             traceback.print_exc()
             return ExitCode.APP_LOAD
         return _run_server(asgi, grace=spec.grace_period, listen_fd=int(os.environ[LISTEN_FD_ENV_VAR]))
+    if isinstance(component.spec, WorkerSpec) and component.spec.singleton:
+        return _lead(component.target, spec.component, ttl=component.spec.lease_ttl)
+    if isinstance(component.spec, WorkerSpec) and component.spec.shards:
+        sharded = ShardedWorker(
+            component.target, spec.component, shards=component.spec.shards, ttl=component.spec.lease_ttl,
+            replica=spec.replica_id, say=_say,
+        )  # fmt: skip
+        return _shard(sharded)
     return _work(component.target)
 
 
-def _serve(target: Callable[[], Any], *, interface: Interface, grace: float, listen_fd: int) -> int:
+def _serve(
+    target: Callable[[], Any], *, interface: Interface, grace: float, listen_fd: int, shards: ShardOwnership | None = None
+) -> int:
     try:
         returned = target()
     except Exception:
@@ -144,7 +167,17 @@ def _serve(target: Callable[[], Any], *, interface: Interface, grace: float, lis
     except BadAppObject as error:
         _say(str(error))
         return ExitCode.BAD_COMPONENT
-    return _run_server(asgi, grace=grace, listen_fd=listen_fd)
+    if shards is None:
+        return _run_server(asgi, grace=grace, listen_fd=listen_fd)
+    # A sharded service: own shards beside the server, and leave them the moment SIGTERM
+    # arrives (the gateway already sends this replica nothing), not after the drain.
+    shards.start()
+    try:
+        return serve(server_config(asgi, grace=grace), listen_fd=listen_fd, on_exit=shards.leave)
+    finally:
+        shards.leave()
+        if not shards.join(SHARD_LEAVE_TIMEOUT):
+            _say(f"still leaving the shards after {SHARD_LEAVE_TIMEOUT:g}s; their lease expires on its own")
 
 
 def _run_server(asgi: Any, *, grace: float, listen_fd: int) -> int:
@@ -173,11 +206,24 @@ def server_config(asgi: Any, *, grace: float) -> uvicorn.Config:
     return config
 
 
-def serve(config: uvicorn.Config, *, listen_fd: int) -> int:
-    """Run uvicorn with ``config`` on the listening socket ``listen_fd`` until SIGTERM."""
+class _Server(uvicorn.Server):
+    """uvicorn, calling ``on_exit`` the moment it is asked to stop (SIGTERM, SIGINT)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def serve(config: uvicorn.Config, *, listen_fd: int, on_exit: Callable[[], None] | None = None) -> int:
+    """Run uvicorn with ``config`` on the listening socket ``listen_fd`` until SIGTERM
+    (``on_exit`` is called as it arrives)."""
     # socket(fileno=...) detects the family (AF_UNIX) from the fd itself.
     sock = socket.socket(fileno=listen_fd)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(config) if on_exit is None else _Server(config, on_exit)
     _say(f"serving on unix:{sock.getsockname()}")
     # uvicorn handles SIGTERM while serving, then re-raises it to our handler: exit 0.
     server.run(sockets=[sock])
@@ -200,6 +246,107 @@ def _work(target: Callable[[], Any]) -> int:
         traceback.print_exc()
         return ExitCode.APP_ERROR
     _say("the worker function returned")
+    return ExitCode.OK
+
+
+def _lead(target: Callable[..., Any], name: str, *, ttl: float) -> int:
+    """A singleton: run ``target`` only while this replica holds lock ``singleton/<name>``.
+
+    The replica stands by (a queued acquire) until it leads, runs the function
+    with a `Leadership`, and when leadership is lost stands by again: an async
+    function is cancelled first; a sync one cannot be interrupted, so the
+    process ends (exit code LEADERSHIP_LOST) and is restarted as a standby. On
+    SIGTERM it resigns (releases the lock), so a standby takes over at once
+    rather than after the lease's TTL. A function that returns resigns too, and
+    its replica exits like any worker's.
+    """
+    lock = Lock(f"singleton/{name}", ttl=ttl)
+    takes_leadership = bool(inspect.signature(target).parameters)
+    try:
+        while True:
+            _say(f"standing by to lead {name}")
+            try:
+                lock.acquire()
+            except LockError as error:  # the control plane is restarting, say: stand by again
+                _say(f"{error}; retrying in 1s")
+                time.sleep(1.0)
+                continue
+            _say(f"leading {name} (fencing token {lock.token})")
+            try:
+                if inspect.iscoroutinefunction(target):
+                    lost = asyncio.run(_lead_async(target, lock, takes_leadership))
+                else:
+                    lost = _lead_sync(target, lock, takes_leadership)
+            except SystemExit:
+                raise
+            except BaseException:
+                _say(f"the singleton {name} raised:")
+                traceback.print_exc()
+                return ExitCode.APP_ERROR
+            if not lost:
+                _say(f"the singleton {name} returned; resigning")
+                return ExitCode.OK
+            _say(f"leadership of {name} lost (the lease expired or was revoked); standing by again")
+            lock.release()
+    finally:
+        lock.release()
+
+
+async def _lead_async(target: Callable[..., Any], lock: Lock, takes_leadership: bool) -> bool:
+    """Run an async singleton until it returns (False) or leadership is lost (True)."""
+    leadership = Leadership(lock, loop=asyncio.get_running_loop())
+    if lock.lost.is_set():
+        return True
+    work = asyncio.ensure_future(target(leadership) if takes_leadership else target())
+    lost = asyncio.ensure_future(leadership.lost.wait())
+    await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        lost.cancel()
+        work.result()
+        return False
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return True
+
+
+def _lead_sync(target: Callable[..., Any], lock: Lock, takes_leadership: bool) -> bool:
+    """Run a sync singleton; if leadership is lost meanwhile the process ends (see `_lead`)."""
+
+    def end_process() -> None:
+        _say("leadership lost while the sync singleton runs; ending the process so it cannot act as leader")
+        os._exit(ExitCode.LEADERSHIP_LOST)
+
+    leadership = Leadership(lock)
+    lock.on_lost(end_process)
+    if lock.lost.is_set():
+        end_process()
+    target(leadership) if takes_leadership else target()
+    return False
+
+
+def _shard(sharded: ShardedWorker) -> int:
+    """A sharded worker: own the shards assigned to this replica (`clearway.sdk.sharding`).
+
+    SIGTERM is a graceful leave: every call is cancelled, then the lease is
+    revoked, so the other replicas take the shards over at their next read of
+    the membership (a third of the TTL), not after the TTL. A call that raises
+    ends the replica the same way (it is restarted, and joins again)."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await sharded.run(stop)
+
+    try:
+        asyncio.run(run())
+    except SystemExit:
+        raise
+    except BaseException:
+        _say(f"a call of the sharded worker {sharded.worker} raised:")
+        traceback.print_exc()
+        return ExitCode.APP_ERROR
+    _say(f"left the shards of {sharded.worker}")
     return ExitCode.OK
 
 

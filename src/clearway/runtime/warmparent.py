@@ -80,15 +80,12 @@ from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.functions import function_app
 from clearway.runtime.replica import TokenRenewer, serve, server_config
 from clearway.runtime.spec import LISTEN_FD_ENV_VAR, SPEC_ENV_VAR, ReplicaSpec
+from clearway.runtime.warmprotocol import CONTROL_FD, MAX_MESSAGE
 from clearway.sdk.loader import load_app
 from clearway.spec.model import FunctionSpec
 
-__all__ = ["CONTROL_FD", "FIELDS_THAT_MUST_MATCH", "MAX_MESSAGE", "main"]
+__all__ = ["FIELDS_THAT_MUST_MATCH", "main"]
 
-#: Where the warm parent finds its control socket.
-CONTROL_FD = 4
-#: The largest control message (a spec and an environment, as JSON).
-MAX_MESSAGE = 1024 * 1024
 #: A child that has not heard ``go`` this long after its ``hello`` gives up.
 GO_TIMEOUT = 30.0
 #: Spec fields a fork request must share with the parent's own spec.

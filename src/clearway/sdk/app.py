@@ -10,7 +10,9 @@ function when called and adds ``.remote()``, ``.spawn()`` and ``.map()``
 
 from __future__ import annotations
 
+import inspect
 import sys
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -35,6 +37,9 @@ from clearway.spec.model import (
 F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: The apps declared in this process, by name (`clearway.sdk.sharding.shard_for` reads shard counts here).
+_APPS: weakref.WeakValueDictionary[str, App] = weakref.WeakValueDictionary()
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -95,6 +100,7 @@ class App:
         self.components: dict[str, Component] = {}
         #: Smoke checks by name: run against a canary before it gets traffic.
         self.smoke_checks: dict[str, tuple[SmokeCheck, Callable[..., Any]]] = {}
+        _APPS[name] = self
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, components={list(self.components)})"
@@ -117,6 +123,9 @@ class App:
         timeout: float = 60.0,
         startup_timeout: float = 60.0,
         allow: Sequence[str] = (),
+        shards: int | None = None,
+        affinity: str | None = None,
+        lease_ttl: float = 10.0,
     ) -> Callable[[F], F]:
         """Declare an HTTP service. The function returns an ASGI or WSGI app.
 
@@ -125,6 +134,12 @@ class App:
         Replicas of the same revision call it at ``$CLEARWAY_SERVICE_<NAME>_URL``;
         ``allow=["billing", "shop.api"]`` lets other apps' components call it too.
         ``sandbox=True`` hides the host's file system; ``network=False`` gives no network.
+
+        ``shards=N`` splits its keys in N shards owned by its live replicas (as a
+        sharded worker's; ``cw.shard_for(key, worker=<name>)`` says a key's shard and
+        owner), and ``affinity="header:x-customer"`` (or ``"path:<n>"``, the n-th path
+        segment after ``path``) has the gateway send a request to the replica owning
+        its key's shard, whenever that replica is ready (any replica otherwise).
         """
         location = _caller(1)
 
@@ -147,6 +162,9 @@ class App:
                 timeout=timeout,
                 startup_timeout=startup_timeout,
                 allow=list(allow),
+                shards=shards,
+                affinity=affinity,
+                lease_ttl=lease_ttl,
             )
             return func
 
@@ -164,8 +182,68 @@ class App:
         network: bool = True,
         grace_period: float = 10.0,
         startup_timeout: float = 60.0,
+        shards: int | None = None,
+        lease_ttl: float = 10.0,
     ) -> Callable[[F], F]:
-        """Declare a long-running background process: the function is its body."""
+        """Declare a long-running background process: the function is its body.
+
+        With ``shards=N`` the work is split in N shards spread over the live
+        replicas (rebalanced when one joins or leaves; `clearway.sdk.sharding`):
+        the function must be ``async def`` and is run once per shard a replica
+        owns, with a `clearway.Shard` (``index``, ``count``, fencing ``token``;
+        ``lost``, set when the shard is lost or moves away — the call is then
+        cancelled). A dead replica's shards are taken over within about ``lease_ttl``
+        seconds, a stopped one's at once."""
+        location = _caller(1)
+
+        def record(func: F) -> F:
+            if shards is not None and callable(func) and not inspect.iscoroutinefunction(func):
+                raise SpecError(
+                    f"a sharded worker must be `async def` ({getattr(func, '__name__', func)!r} is not): "
+                    "its call for a shard is cancelled when the shard moves to another replica, "
+                    "and a thread cannot be",
+                    location=str(location) if location else None,
+                )
+            self._record(
+                WorkerSpec,
+                func,
+                location,
+                name=name or func.__name__,
+                replicas=replicas,
+                env=dict(env or {}),
+                resources={"memory_mb": memory_mb, "cpu": cpu},
+                sandbox=sandbox,
+                network=network,
+                grace_period=grace_period,
+                startup_timeout=startup_timeout,
+                shards=shards,
+                lease_ttl=lease_ttl,
+            )
+            return func
+
+        return record
+
+    def singleton(
+        self,
+        *,
+        name: str | None = None,
+        replicas: int = 2,
+        lease_ttl: float = 10.0,
+        env: Mapping[str, str] | None = None,
+        memory_mb: int | None = None,
+        cpu: float | None = None,
+        sandbox: bool = False,
+        network: bool = True,
+        grace_period: float = 10.0,
+        startup_timeout: float = 60.0,
+    ) -> Callable[[F], F]:
+        """Declare a worker that runs in exactly one replica at a time: the leader.
+
+        The other replicas stand by and one takes over within about ``lease_ttl``
+        seconds when the leader dies, at once when it stops gracefully. The
+        function may take one argument, a `clearway.Leadership` (its fencing
+        ``token``; ``lost``, set the moment leadership is lost — an async
+        function is then cancelled, a sync one's process ends)."""
         location = _caller(1)
 
         def record(func: F) -> F:
@@ -181,6 +259,8 @@ class App:
                 network=network,
                 grace_period=grace_period,
                 startup_timeout=startup_timeout,
+                singleton=True,
+                lease_ttl=lease_ttl,
             )
             return func
 

@@ -48,6 +48,31 @@ def _check_path(value: str) -> str:
     return value.rstrip("/") or "/"
 
 
+#: A header name (an HTTP token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
+#: The highest path segment an affinity may name.
+MAX_AFFINITY_SEGMENT = 63
+
+
+def parse_affinity(value: str) -> tuple[Literal["header"], str] | tuple[Literal["path"], int]:
+    """``("header", lowercase name)`` or ``("path", segment)`` of a ``ServiceSpec.affinity``.
+
+    ``"header:x-customer"``: the key is the value of request header ``x-customer``;
+    ``"path:1"``: it is the path segment 1 (from 0) after the service's path
+    (``/api/customers/42`` -> ``42`` for a service at ``/api``). ValueError otherwise.
+    """
+    kind, colon, where = str(value).partition(":")
+    if kind == "header" and colon and _HEADER_NAME.fullmatch(where):
+        return "header", where.lower()
+    if kind == "path" and re.fullmatch(r"[0-9]{1,3}", where) and int(where) <= MAX_AFFINITY_SEGMENT:
+        return "path", int(where)
+    raise ValueError(
+        f"{value!r} must be 'header:<name>' (the key is that request header, e.g. "
+        "'header:x-customer') or 'path:<n>' (the key is the n-th path segment after the service's "
+        f"path, from 0 to {MAX_AFFINITY_SEGMENT}, e.g. 'path:1')"
+    )
+
+
 def _check_allow(value: list[str]) -> list[str]:
     for item in value:
         if not isinstance(item, str) or not _CALLER.fullmatch(item):
@@ -115,11 +140,39 @@ class ServiceSpec(_Component):
     allow: list[str] = Field(default_factory=list)
     """Who else may call this service through its internal URL: ``"app"`` (any of
     that app's components) or ``"app.component"``. Its own revision may always."""
+    shards: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Split the service's keys into this many shards, owned by its live replicas and
+    rebalanced when one joins or leaves, as a sharded worker's (`clearway.sdk.sharding`)."""
+    affinity: str | None = None
+    """Where a request's shard key is, for the gateway to send it to the replica owning
+    that key's shard: ``"header:<name>"`` or ``"path:<n>"`` (the n-th path segment after
+    the service's ``path``, from 0). Needs ``shards``; see `parse_affinity`."""
+    lease_ttl: Annotated[float, Field(ge=1, le=300)] = 10.0
+    """The lease of a sharded service's shards: a dead replica's are owned again within about this long."""
 
     @field_validator("allow")
     @classmethod
     def _allow(cls, value: list[str]) -> list[str]:
         return _check_allow(value)
+
+    @field_validator("affinity")
+    @classmethod
+    def _affinity(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        kind, where = parse_affinity(value)
+        return f"{kind}:{where}"
+
+    @model_validator(mode="after")
+    def _sharded(self) -> ServiceSpec:
+        if self.affinity is not None and self.shards is None:
+            raise ValueError(
+                f"affinity={self.affinity!r} sends a request to the replica owning its key's shard: "
+                "it needs shards=N (e.g. shards=64)"
+            )
+        if self.shards is not None and self.replicas < 1:
+            raise ValueError(f"shards={self.shards} needs replicas >= 1 to own them (replicas={self.replicas})")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -139,6 +192,26 @@ class WorkerSpec(_Component):
 
     kind: Literal["worker"] = "worker"
     startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    singleton: bool = False
+    """Run the function in one replica at a time (the leader); the others stand by
+    (``@app.singleton``, `clearway.sdk.coordination`)."""
+    lease_ttl: Annotated[float, Field(ge=1, le=300)] = 10.0
+    """The lease of a singleton's leadership, or of a sharded worker's shards: the part of a
+    dead replica is taken over within about this long."""
+    shards: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Split the work into this many shards, spread over the live replicas and rebalanced
+    when one joins or leaves (``@app.worker(shards=N)``, `clearway.sdk.sharding`)."""
+
+    @model_validator(mode="after")
+    def _sharded(self) -> WorkerSpec:
+        if self.shards is not None and self.singleton:
+            raise ValueError(
+                "a worker is either a singleton (one replica runs it) or sharded (every replica runs "
+                "its shards), not both: drop shards= or use @app.worker"
+            )
+        if self.shards is not None and self.replicas < 1:
+            raise ValueError(f"shards={self.shards} needs replicas >= 1 to run them (replicas={self.replicas})")
+        return self
 
 
 #: Cron's five fields, in order: (name, lowest, highest, names accepted for numbers).

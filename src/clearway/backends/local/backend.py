@@ -15,6 +15,11 @@ Each pass of ``apply``:
    the one that removed it — so no request is ever routed to a stopping
    process, which is what makes deploys and scale-downs zero-downtime.
 
+Routes to a sharded service with ``affinity`` carry its shard count, where a
+request's key is, and the endpoint of each shard's owner (``set_shard_owners``,
+fed by the control plane from the shard locks; only ready, non-draining
+owners), so the gateway sends a key to its owner (key affinity).
+
 The route table also carries the identities of the replicas running now
 (replica id -> incarnation) and, per internal route, who may call it: the
 gateway checks each caller's token against both, so a stopped replica's
@@ -64,7 +69,7 @@ from clearway.runtime.forking import ForkLauncher
 from clearway.runtime.functions import HEALTH_PATH as FUNCTION_HEALTH_PATH
 from clearway.spec.ids import branch_label, commit_label
 from clearway.spec.ids import replica_id as make_replica_id
-from clearway.spec.model import AppSpec, FunctionSpec, ServiceSpec
+from clearway.spec.model import AppSpec, FunctionSpec, ServiceSpec, parse_affinity
 
 log = logging.getLogger("clearway.backends.local")
 
@@ -155,6 +160,10 @@ class LocalBackend:
         self._workloads: dict[str, Workload] = {}
         self._routes: list[dict[str, Any]] | None = None
         self._published_identities: dict[str, str] = {}
+        #: The last desired state applied (a change of shard owners republishes with it).
+        self._desired: DesiredState | None = None
+        #: (app, sharded service) -> shard -> the replica id owning it (`set_shard_owners`).
+        self._shard_owners: dict[tuple[str, str], dict[int, str]] = {}
         self._generation = 0
         self._changed = asyncio.Event()
         self._start_errors: dict[str, str] = {}
@@ -287,6 +296,7 @@ class LocalBackend:
             self.gateway.on_exit = self._gateway_exited
         self._rotate_platform_logs()
         wanted: dict[str, ReplicaSpec] = {}
+        self._desired = desired
         self._workloads = {w.revision: w for w in desired.workloads}
         self._wanted = {w.revision: dict(w.replicas) for w in desired.workloads}
         for workload in desired.workloads:
@@ -343,8 +353,22 @@ class LocalBackend:
                 return False
             await asyncio.sleep(0.01)
 
+    async def set_shard_owners(self, app: str, component: str, owners: Mapping[int, str]) -> None:
+        owners = dict(owners)
+        if self._shard_owners.get((app, component), {}) == owners:
+            return
+        if owners:
+            self._shard_owners[(app, component)] = owners
+        else:
+            self._shard_owners.pop((app, component), None)
+        if self._desired is not None and self.gateway.running:
+            await self._publish(self._desired)  # else the next apply publishes them
+
     def replica_incarnation(self, replica_id: str) -> str | None:
-        if replica_id in self._stopping or replica_id not in self._specs:
+        # A replica being stopped still runs, and still speaks for itself: it resigns its
+        # leadership and releases its locks and shards on the way out (clearway.sdk.coordination).
+        # Its token dies with the process.
+        if replica_id not in self._specs:
             return None
         status = self._statuses.get(replica_id)
         if status is None or status.pid is None or status.state.is_terminal:
@@ -385,6 +409,28 @@ class LocalBackend:
                 endpoints.append(f"unix:{status.socket_path}")
         return sorted(endpoints)
 
+    def _affinity(self, app: str, service: _Listener) -> dict[str, Any]:
+        """The key-affinity fields of a route to ``service`` (none unless it is sharded with affinity)."""
+        if not service.shards or service.affinity is None:
+            return {}
+        kind, where = parse_affinity(service.affinity)
+        owners = {}
+        for shard, replica_id in sorted(self._shard_owners.get((app, service.name), {}).items()):
+            status = self._statuses.get(replica_id)
+            if (
+                replica_id in self._specs
+                and replica_id not in self._draining
+                and status is not None
+                and status.state is ReplicaState.READY
+                and status.socket_path
+            ):
+                owners[str(shard)] = f"unix:{status.socket_path}"
+        return {
+            "shards": service.shards,
+            "affinity": {"header": where} if kind == "header" else {"path": where, "under": service.base},
+            "owners": owners,
+        }
+
     def _build_routes(self, desired: DesiredState) -> list[dict[str, Any]]:
         routes: dict[tuple[str, str], dict[str, Any]] = {}
         hosts = [(app, app, targets) for app, targets in sorted(desired.traffic.items())]
@@ -407,6 +453,7 @@ class LocalBackend:
                             "timeout": service.timeout,
                             "pin_header": PIN_HEADER,
                             **service.labels,
+                            **self._affinity(app, service),
                             "targets": [],
                         },
                     )
@@ -432,6 +479,7 @@ class LocalBackend:
                         "timeout": service.timeout,
                         "pin_header": PIN_HEADER,
                         **service.labels,
+                        **self._affinity(workload.app, service),
                         "internal": True,
                         "allow": allow,
                         "targets": [
@@ -461,6 +509,7 @@ class LocalBackend:
                             "timeout": service.timeout,
                             "pin_header": PIN_HEADER,
                             **service.labels,
+                            **self._affinity(app, service),
                             "internal": True,
                             "allow": [{"app": app, "revision": None, "component": None}],
                             "targets": [],
@@ -653,11 +702,16 @@ class _Listener:
     allow: list[str]
     #: Extra route fields: a function's routes name it, so the gateway counts its load apart.
     labels: dict[str, str]
+    #: A sharded service's shard count and ``affinity`` (`ServiceSpec`), and its path (an affinity's base).
+    shards: int | None = None
+    affinity: str | None = None
+    base: str = "/"
 
 
 def _listeners(spec: AppSpec) -> list[_Listener]:
     found = [
-        _Listener(s.name, s.path if s.public else None, s.timeout, s.allow, {}) for s in spec.services
+        _Listener(s.name, s.path if s.public else None, s.timeout, s.allow, {}, s.shards, s.affinity, s.path)
+        for s in spec.services
     ]
     found += [
         # The gateway waits a little longer than the function's own timeout, so that the
