@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,14 @@ class Gate:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def wait_for(what: str, probe: Callable[[], Any], *, within: float = 90) -> Any:
+    """``probe()`` until it returns something truthy; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        found = probe()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"{what}: not within {within:g} s"
+        time.sleep(0.1)

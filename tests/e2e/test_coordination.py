@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,7 +31,7 @@ import pytest
 from clearway.sdk.sharding import assign, shard_of
 from tests.coordination.etcd_server import EtcdServer
 from tests.e2e.conftest import write_app
-from tests.e2e.platform import EXAMPLES, Platform, free_port
+from tests.e2e.platform import EXAMPLES, Platform, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -97,16 +96,6 @@ def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         running.down()
         if etcd is not None:
             etcd.close()
-
-
-def wait_for(what: str, probe: Callable[[], Any], *, within: float = 60) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        found = probe()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"{what}: not within {within:g} s"
-        time.sleep(0.1)
 
 
 def invoke(platform: Platform, function: str, **kwargs: Any) -> Any:

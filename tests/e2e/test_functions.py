@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import write_app
-from tests.e2e.platform import Gate, Platform, free_port
+from tests.e2e.platform import Gate, Platform, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -92,17 +91,6 @@ def invocation(platform: Platform, invocation_id: str) -> dict[str, Any]:
     response.raise_for_status()
     found: dict[str, Any] = response.json()
     return found
-
-
-def wait_for(what: str, probe: Callable[[], Any], *, within: float = 90) -> Any:
-    """``probe()`` until it returns something truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        found = probe()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"{what}: not within {within:g} s"
-        time.sleep(0.1)
 
 
 def finished(platform: Platform, invocation_id: str, *, within: float = 90) -> dict[str, Any]:

@@ -47,9 +47,16 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
+
+# The control plane starts processes (git, uv, the isolated app inspector) with fork and
+# exec after gRPC is loaded. gRPC's fork support (atfork handlers that try to carry its
+# threads across a fork) is not needed for fork-then-exec and has crashed the child
+# before its exec (SIGSEGV; grpc/grpc#29044): turn it off, before gRPC reads it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import aetcd
 import aetcd.exceptions
