@@ -31,6 +31,7 @@ Modules, one concept each::
     interface     ASGI/WSGI detection
     functions     the function server: function_app, the ASGI app of a function replica
     exit_codes    what a replica's exit code means
+    coordinated   singletons and sharded workers: who may act, resigning, standing by
     replica       the replica process's entry point (not imported here: it is run with -m)
 """
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import inspect
 import json
 import os
@@ -57,6 +56,7 @@ from typing import Any
 import uvicorn
 
 from clearway.exceptions import AppLoadError, SpecError
+from clearway.runtime.coordinated import lead, run_sharded
 from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.functions import function_app
 from clearway.runtime.interface import BadAppObject, as_asgi
@@ -67,7 +67,6 @@ from clearway.runtime.spec import (
     Interface,
     ReplicaSpec,
 )
-from clearway.sdk.coordination import Leadership, Lock, LockError
 from clearway.sdk.loader import load_app
 from clearway.sdk.sharding import ShardedWorker, ShardOwnership
 from clearway.spec.model import FunctionSpec, ServiceSpec, WorkerSpec
@@ -143,13 +142,13 @@ def main() -> int:
             return ExitCode.APP_LOAD
         return _run_server(asgi, grace=spec.grace_period, listen_fd=int(os.environ[LISTEN_FD_ENV_VAR]))
     if isinstance(component.spec, WorkerSpec) and component.spec.singleton:
-        return _lead(component.target, spec.component, ttl=component.spec.lease_ttl)
+        return lead(component.target, spec.component, ttl=component.spec.lease_ttl)
     if isinstance(component.spec, WorkerSpec) and component.spec.shards:
         sharded = ShardedWorker(
             component.target, spec.component, shards=component.spec.shards, ttl=component.spec.lease_ttl,
             replica=spec.replica_id, say=_say,
         )  # fmt: skip
-        return _shard(sharded)
+        return run_sharded(sharded)
     return _work(component.target)
 
 
@@ -246,107 +245,6 @@ def _work(target: Callable[[], Any]) -> int:
         traceback.print_exc()
         return ExitCode.APP_ERROR
     _say("the worker function returned")
-    return ExitCode.OK
-
-
-def _lead(target: Callable[..., Any], name: str, *, ttl: float) -> int:
-    """A singleton: run ``target`` only while this replica holds lock ``singleton/<name>``.
-
-    The replica stands by (a queued acquire) until it leads, runs the function
-    with a `Leadership`, and when leadership is lost stands by again: an async
-    function is cancelled first; a sync one cannot be interrupted, so the
-    process ends (exit code LEADERSHIP_LOST) and is restarted as a standby. On
-    SIGTERM it resigns (releases the lock), so a standby takes over at once
-    rather than after the lease's TTL. A function that returns resigns too, and
-    its replica exits like any worker's.
-    """
-    lock = Lock(f"singleton/{name}", ttl=ttl)
-    takes_leadership = bool(inspect.signature(target).parameters)
-    try:
-        while True:
-            _say(f"standing by to lead {name}")
-            try:
-                lock.acquire()
-            except LockError as error:  # the control plane is restarting, say: stand by again
-                _say(f"{error}; retrying in 1s")
-                time.sleep(1.0)
-                continue
-            _say(f"leading {name} (fencing token {lock.token})")
-            try:
-                if inspect.iscoroutinefunction(target):
-                    lost = asyncio.run(_lead_async(target, lock, takes_leadership))
-                else:
-                    lost = _lead_sync(target, lock, takes_leadership)
-            except SystemExit:
-                raise
-            except BaseException:
-                _say(f"the singleton {name} raised:")
-                traceback.print_exc()
-                return ExitCode.APP_ERROR
-            if not lost:
-                _say(f"the singleton {name} returned; resigning")
-                return ExitCode.OK
-            _say(f"leadership of {name} lost (the lease expired or was revoked); standing by again")
-            lock.release()
-    finally:
-        lock.release()
-
-
-async def _lead_async(target: Callable[..., Any], lock: Lock, takes_leadership: bool) -> bool:
-    """Run an async singleton until it returns (False) or leadership is lost (True)."""
-    leadership = Leadership(lock, loop=asyncio.get_running_loop())
-    if lock.lost.is_set():
-        return True
-    work = asyncio.ensure_future(target(leadership) if takes_leadership else target())
-    lost = asyncio.ensure_future(leadership.lost.wait())
-    await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-    if work.done():
-        lost.cancel()
-        work.result()
-        return False
-    work.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work
-    return True
-
-
-def _lead_sync(target: Callable[..., Any], lock: Lock, takes_leadership: bool) -> bool:
-    """Run a sync singleton; if leadership is lost meanwhile the process ends (see `_lead`)."""
-
-    def end_process() -> None:
-        _say("leadership lost while the sync singleton runs; ending the process so it cannot act as leader")
-        os._exit(ExitCode.LEADERSHIP_LOST)
-
-    leadership = Leadership(lock)
-    lock.on_lost(end_process)
-    if lock.lost.is_set():
-        end_process()
-    target(leadership) if takes_leadership else target()
-    return False
-
-
-def _shard(sharded: ShardedWorker) -> int:
-    """A sharded worker: own the shards assigned to this replica (`clearway.sdk.sharding`).
-
-    SIGTERM is a graceful leave: every call is cancelled, then the lease is
-    revoked, so the other replicas take the shards over at their next read of
-    the membership (a third of the TTL), not after the TTL. A call that raises
-    ends the replica the same way (it is restarted, and joins again)."""
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await sharded.run(stop)
-
-    try:
-        asyncio.run(run())
-    except SystemExit:
-        raise
-    except BaseException:
-        _say(f"a call of the sharded worker {sharded.worker} raised:")
-        traceback.print_exc()
-        return ExitCode.APP_ERROR
-    _say(f"left the shards of {sharded.worker}")
     return ExitCode.OK
 
 
