@@ -326,7 +326,7 @@ class _Replica:
         )
         started = time.monotonic()
         process = await self.supervisor.launcher.launch(request)
-        self.launched, self.launch_started = process, started
+        self.launch_started = started  # `_run` records the process itself, adopted ones too
         how = "forked" if process.how == "fork" else "started"
         self.note(f"{how} process {process.pid} (incarnation {incarnation})")
         self.update(
