@@ -48,41 +48,36 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminServer", "AdminSource"]
 
 _MAX_HEAD = 16 * 1024
 #: The longest a ``GET /holds`` waits (seconds), whatever it asks.
 _MAX_HOLDS_WAIT = 30.0
 
 
+class AdminSource(Protocol):
+    """What the admin endpoints report: one gateway's own state, or its workers' summed (``_workers.py``)."""
+
+    async def generation(self) -> int: ...
+    async def held(self) -> dict[str, int]: ...
+    async def load(self) -> list[dict[str, Any]]: ...
+    async def metrics(self) -> bytes: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def holds(self, after: int, within: float) -> int: ...
+
+
 class AdminServer:
     """Serves the admin endpoints of one gateway on a Unix socket."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        generation: Callable[[], int],
-        held: Callable[[], dict[str, int]],
-        load: Callable[[], list[dict[str, Any]]],
-        metrics: Callable[[], bytes],
-        stats: Callable[[], dict[str, Any]],
-        holds: Callable[[int, float], Awaitable[int]],
-    ) -> None:
+    def __init__(self, path: str | Path, source: AdminSource) -> None:
         self.path = Path(path)
-        self._generation = generation
-        self._held = held
-        self._load = load
-        self._metrics = metrics
-        self._stats = stats
-        self._holds = holds
+        self._source = source
         self._server: asyncio.AbstractServer | None = None
         #: ``/holds`` waits in progress; cancelled (and so answered) by ``close()``.
         self._polls: set[asyncio.Future[int]] = set()
@@ -135,15 +130,15 @@ class AdminServer:
         if path == b"/healthz":
             return 200, "text/plain", b"ok\n"
         if path == b"/routes":
-            return 200, "application/json", json.dumps({"generation": self._generation()}).encode()
+            return 200, "application/json", json.dumps({"generation": await self._source.generation()}).encode()
         if path == b"/held":
-            return 200, "application/json", json.dumps(self._held()).encode()
+            return 200, "application/json", json.dumps(await self._source.held()).encode()
         if path == b"/load":
-            return 200, "application/json", json.dumps(self._load()).encode()
+            return 200, "application/json", json.dumps(await self._source.load()).encode()
         if path == b"/metrics":
-            return 200, CONTENT_TYPE_LATEST, self._metrics()
+            return 200, CONTENT_TYPE_LATEST, await self._source.metrics()
         if path == b"/stats":
-            return 200, "application/json", json.dumps(self._stats()).encode()
+            return 200, "application/json", json.dumps(await self._source.stats()).encode()
         if path == b"/holds":
             return 200, "application/json", json.dumps({"seq": await self._wait_holds(query)}).encode()
         return (
@@ -155,7 +150,7 @@ class AdminServer:
     async def _wait_holds(self, query: bytes) -> int:
         """The hold sequence number, per ``/holds`` (see the module docstring)."""
         after, wait = _holds_query(query)
-        poll = asyncio.ensure_future(self._holds(after, 0.0 if self._closing else wait))
+        poll = asyncio.ensure_future(self._source.holds(after, 0.0 if self._closing else wait))
         self._polls.add(poll)
         try:
             return await poll
@@ -163,7 +158,7 @@ class AdminServer:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # this handler itself is being cancelled
-            return await self._holds(-1, 0.0)  # close() cut the wait: answer with the count now
+            return await self._source.holds(-1, 0.0)  # close() cut the wait: answer with the count now
         finally:
             self._polls.discard(poll)
 

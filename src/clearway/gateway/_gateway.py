@@ -24,6 +24,7 @@ import enum
 import errno
 import logging
 import random
+import socket
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -90,6 +91,7 @@ class Gateway:
         settings: GatewaySettings | None = None,
         rng: random.Random | None = None,
         identity_key: str | Path | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self._table = routes if routes is not None else RouteTable()
         self._host = host
@@ -99,6 +101,8 @@ class Gateway:
         self.settings = settings if settings is not None else GatewaySettings()
         self._rng = rng if rng is not None else random.Random()
         self._identity_key = identity_key
+        #: A listening socket to serve on instead of binding ``host:port`` (a worker's, shared).
+        self._sock = sock
         # Read now, so that a bad key fails the constructor (IdentityKeyError), not a request.
         self._verifier = IdentityVerifier(
             load_public_key(identity_key) if identity_key is not None else None,
@@ -137,13 +141,16 @@ class Gateway:
         )
         address = f"{self._host}:{self._requested_port}"
         try:
-            self._server = await loop.create_server(
-                lambda: ClientConnection(ctx),
-                self._host,
-                self._requested_port,
-                reuse_address=True,
-                backlog=4096,
-            )
+            if self._sock is not None:
+                self._server = await loop.create_server(lambda: ClientConnection(ctx), sock=self._sock, backlog=4096)
+            else:
+                self._server = await loop.create_server(
+                    lambda: ClientConnection(ctx),
+                    self._host,
+                    self._requested_port,
+                    reuse_address=True,
+                    backlog=4096,
+                )
         except OSError as exc:
             self.state = GatewayState.CLOSED
             if self._access_log is not None:
@@ -155,15 +162,7 @@ class Gateway:
         sockets = self._server.sockets
         self._port = sockets[0].getsockname()[1] if sockets else self._requested_port
         if self._admin_path is not None:
-            self._admin = AdminServer(
-                self._admin_path,
-                generation=lambda: self.generation,
-                held=self.held,
-                load=self.load,
-                metrics=self._metrics.exposition,
-                stats=self._metrics.traffic,
-                holds=self._metrics.wait_hold,
-            )
+            self._admin = AdminServer(self._admin_path, _OwnState(self))
             await self._admin.start()
         self._supervisor.start("gateway timeout watchdog", ctx.run_watchdog())
         if self._access_log is not None:
@@ -268,8 +267,34 @@ class Gateway:
     @property
     def hold_seq(self) -> int:
         """Requests that began to be held since the gateway started (``GET /holds``)."""
-        return self._metrics.hold_seq
+        return self._metrics.holds.value
 
     def metrics_text(self) -> bytes:
         """The metrics in the Prometheus text format (as served by ``GET /metrics``)."""
         return self._metrics.exposition()
+
+
+class _OwnState:
+    """What the admin socket of a single gateway process reports: its own counters."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._metrics = gateway._metrics
+
+    async def generation(self) -> int:
+        return self._gateway.generation
+
+    async def held(self) -> dict[str, int]:
+        return self._metrics.held()
+
+    async def load(self) -> list[dict[str, Any]]:
+        return self._metrics.load()
+
+    async def metrics(self) -> bytes:
+        return self._metrics.exposition()
+
+    async def stats(self) -> dict[str, Any]:
+        return self._metrics.traffic()
+
+    async def holds(self, after: int, within: float) -> int:
+        return await self._metrics.holds.wait(after, within)

@@ -9,13 +9,19 @@ start a replica.
 One future per table generation, replaced on every change, wakes every waiter
 at once; each waiter then re-resolves its request against the new table.  That
 is O(held requests) per reload, and reloads are rare.
+
+`HoldSequence` counts the requests that *began* to be held, and lets the
+admin ``GET /holds`` long-poll wait for the next one: that is how a cold
+start reaches the control plane in milliseconds.  A multi-process gateway's
+master keeps one too, advanced by its workers' (``_workers.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
-__all__ = ["TableChanges"]
+__all__ = ["HoldSequence", "TableChanges"]
 
 
 class TableChanges:
@@ -42,3 +48,36 @@ class TableChanges:
         except TimeoutError:
             return False
         return True
+
+
+class HoldSequence:
+    """A counter that only grows, and a wait for it to move."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        #: Resolved (and dropped) at the next bump; created by the first waiter.
+        self._waiter: asyncio.Future[None] | None = None
+
+    def bump(self, by: int = 1) -> None:
+        """Add ``by`` and wake every waiter."""
+        self.value += by
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, after: int, within: float) -> int:
+        """``value`` once it differs from ``after``, or after ``within`` seconds (unchanged then).
+
+        It answers at once when ``value != after``: the reader missed holds
+        (or passed -1), or it is ahead (the gateway restarted and counts from
+        0 again) and must resynchronise.  One future shared by all waiters, as
+        in `TableChanges`: a bump costs one check when nobody waits.
+        """
+        if self.value != after or within <= 0:
+            return self.value
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._waiter)
+        return self.value

@@ -25,8 +25,8 @@ revision's status classes like every answer, and in
 sees *why* a service is being refused and to whom (the target's revision).
 
 Cold starts.  A request that finds no ready replica is held (``_proxy.py``).
-Each such request bumps :attr:`Metrics.hold_seq` once and wakes whoever waits
-in :meth:`Metrics.wait_hold` - the admin ``GET /holds`` long-poll, which is
+Each such request bumps :attr:`Metrics.holds` (a `HoldSequence`) once and wakes whoever waits
+on it - the admin ``GET /holds`` long-poll, which is
 how the control plane learns of a cold start within milliseconds instead of
 at its next poll.  When a held request is finally sent to a replica, two
 durations are kept for its (app, revision, component):
@@ -41,8 +41,6 @@ metric would.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +53,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from ._holding import HoldSequence
 
 __all__ = ["COLD_START_BUCKETS", "DURATION_BUCKETS", "GatewayCollector", "Metrics", "RevisionStats"]
 
@@ -144,9 +144,7 @@ class Metrics:
         #: Requests that matched no route (404) or were malformed (400, 413).
         self.unrouted = self.stats("", "", "")
         #: Requests that began to be held, for the gateway's life (each counted once).
-        self.hold_seq = 0
-        #: Resolved (and dropped) at the next hold start; created by the first waiter.
-        self._hold_waiter: asyncio.Future[None] | None = None
+        self.holds = HoldSequence()
 
     def stats(self, app: str, revision: str, component: str) -> RevisionStats:
         """The stats of (app, revision, component); the same object for the gateway's life."""
@@ -162,28 +160,8 @@ class Metrics:
         self.denied[key] = self.denied.get(key, 0) + 1
 
     def hold_started(self) -> None:
-        """A request began to be held: bump ``hold_seq`` and wake every ``wait_hold``."""
-        self.hold_seq += 1
-        waiter, self._hold_waiter = self._hold_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait_hold(self, after: int, within: float) -> int:
-        """``hold_seq`` once it differs from ``after``, or after ``within`` seconds (unchanged then).
-
-        It answers at once when ``hold_seq != after``: the reader missed holds
-        (or passed -1), or it is ahead (the gateway restarted and counts from
-        0 again) and must resynchronise.  One future shared by all waiters, as
-        in ``_holding.py``: a hold start costs one check when nobody waits.
-        """
-        if self.hold_seq != after or within <= 0:
-            return self.hold_seq
-        if self._hold_waiter is None:
-            self._hold_waiter = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await asyncio.shield(self._hold_waiter)
-        return self.hold_seq
+        """A request began to be held: bump the hold sequence and wake every ``GET /holds``."""
+        self.holds.bump()
 
     def all(self) -> list[RevisionStats]:
         return list(self._stats.values())
