@@ -98,7 +98,7 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def nginx(
-    tmp: Path, name: str, server_block: str, upstream: str = "", cpus: str | None = None
+    tmp: Path, name: str, server_block: str, upstream: str = "", cpus: str | None = None, workers: int = 1
 ) -> Iterator[subprocess.Popen[bytes]]:
     prefix = tmp / name
     prefix.mkdir()
@@ -107,7 +107,7 @@ def nginx(
     conf.write_text(
         f"""
 user root;
-worker_processes 1;
+worker_processes {workers};
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;
 events {{ worker_connections 8192; multi_accept on; }}

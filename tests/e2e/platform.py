@@ -64,7 +64,8 @@ class Platform:
         return int(json.loads((self.home / "control.json").read_text())["pid"])
 
     def up(self) -> None:
-        self.cli("up", "--detach", "--port", str(self.port))
+        # Two gateway workers whatever the machine: the suite runs the multi-process gateway.
+        self.cli("up", "--detach", "--port", str(self.port), "--gateway-workers", "2")
 
     def down(self) -> None:
         if (self.home / "control.json").exists():

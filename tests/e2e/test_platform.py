@@ -200,6 +200,7 @@ def test_metrics_count_requests_per_revision(shared: Platform, tmp_path: Path) -
         if line.startswith("clearway_gateway_requests_total{") and 'revision="metered-1"' in line and '"2xx"' in line
     )
     assert float(line.rsplit(" ", 1)[1]) >= 7
+    assert "clearway_gateway_workers 2.0" in text.splitlines()  # summed over both workers
 
 
 def test_api_refuses_requests_without_the_token(shared: Platform) -> None:

@@ -95,6 +95,11 @@ def cli(ctx: click.Context, home: Path | None) -> None:
     metavar="embedded|etcd://HOST:PORT",
     help="Where locks and leases live: the control plane itself (default) or an etcd server.",
 )
+@click.option(
+    "--gateway-workers",
+    type=click.IntRange(1, 256),
+    help="Gateway worker processes (default: the number of cores).",
+)
 @click.option("--detach", "-d", is_flag=True, help="Run in the background and return once it answers.")
 @click.pass_context
 @run_command
@@ -106,6 +111,7 @@ def up(
     api_port: int | None,
     keep_revisions: int | None,
     coordination: str | None,
+    gateway_workers: int | None,
     detach: bool,
 ) -> None:
     """Start the platform: control plane + gateway (adopting running apps)."""
@@ -119,6 +125,7 @@ def up(
         domains=domains or None,
         keep_revisions=keep_revisions,
         coordination=coordination,
+        gateway_workers=gateway_workers,
     )
     if not detach:
         run_foreground(home.root, settings)
@@ -135,6 +142,7 @@ def up(
         ("--api-port", api_port),
         ("--keep-revisions", keep_revisions),
         ("--coordination", coordination),
+        ("--gateway-workers", gateway_workers),
     ):
         if value is not None:
             args += [flag, str(value)]

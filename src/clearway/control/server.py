@@ -75,6 +75,8 @@ class Settings:
     keep_revisions: int | None = None
     #: Where locks and leases live: "embedded" (the control plane) or "etcd://host:port".
     coordination: str | None = None
+    #: Gateway worker processes (None: one per core).
+    gateway_workers: int | None = None
 
 
 #: Gateway port when nothing says otherwise.
@@ -189,6 +191,7 @@ class ControlPlane:
                 control_url=api_url,
                 replica_token=signing.replica_token_minter(),
                 identity_key=self.home.keys / "signing.pub.pem",
+                gateway_workers=self.settings.gateway_workers,
             )
         )
         tasks = TaskSupervisor(log)

@@ -1,6 +1,7 @@
 """clearway's HTTP gateway: the data plane in front of every app's replicas.
 
-One asyncio process (uvloop + httptools, no framework) that routes requests by
+Asyncio processes (uvloop + httptools, no framework): a master that binds the
+port and N workers that share it (``_workers.py``), each of which routes requests by
 Host and path prefix to replica processes, splits traffic between revisions by
 weight, holds requests for revisions with no ready replica (a scale from zero;
 at most ``max_held`` per revision, for at most ``hold_timeout``, then 503 with
@@ -12,7 +13,7 @@ Run it as a process, as the control plane does::
 
     python -m clearway.gateway --listen 127.0.0.1:8080 --routes routes.json \\
         --admin-socket gateway.sock [--access-log access.log] [--hold-timeout 30] \\
-        [--identity-key keys/signing.pub.pem]
+        [--identity-key keys/signing.pub.pem] [--workers N]
 
 or in-process (tests, the platform)::
 
@@ -25,7 +26,8 @@ Module map: ``_routes`` (the routes file), ``_router`` (matching and balancing),
 calling and may they: replica and platform tokens, internal-route policy, pin tokens),
 ``_upstream`` (replica connections and pools), ``_holding``, ``_metrics``, ``_access_log``,
 ``_admin``, ``_error_pages``, ``_settings``, ``_gateway``
-(lifecycle) and ``_cli``.  Only the names below are public.
+(lifecycle), ``_workers`` (the master and its workers), ``_merge`` (their
+admin answers added up) and ``_cli``.  Only the names below are public.
 """
 
 from ._gateway import Gateway, GatewayState, ListenError

@@ -81,6 +81,8 @@ class AdminServer:
         self._server: asyncio.AbstractServer | None = None
         #: ``/holds`` waits in progress; cancelled (and so answered) by ``close()``.
         self._polls: set[asyncio.Future[int]] = set()
+        #: Connections being answered; ``close()`` lets them finish before the loop ends.
+        self._handlers: set[asyncio.Task[None]] = set()
         self._closing = False
 
     async def start(self) -> None:
@@ -92,6 +94,8 @@ class AdminServer:
         self._closing = True
         for poll in self._polls:
             poll.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2.0)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -100,6 +104,10 @@ class AdminServer:
                 os.unlink(self.path)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)

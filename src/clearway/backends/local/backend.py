@@ -109,6 +109,8 @@ class LocalConfig:
     replica_token: Callable[[ReplicaSpec, str], str] | None = None
     #: The public key the gateway verifies replica and pin tokens with.
     identity_key: Path | None = None
+    #: Gateway worker processes (None: one per core; see `clearway.gateway` ``--workers``).
+    gateway_workers: int | None = None
     #: Where service replicas' unix sockets live (default: see `default_sockets_dir`).
     sockets_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -142,7 +144,11 @@ class LocalBackend:
         self.records = ReplicaRecords(self.home / "state.db")
         self.artifacts = ArtifactStore(self.home)
         self.gateway = GatewayProcess(
-            self.home, host=config.gateway_host, port=config.gateway_port, identity_key=config.identity_key
+            self.home,
+            host=config.gateway_host,
+            port=config.gateway_port,
+            identity_key=config.identity_key,
+            workers=config.gateway_workers,
         )
         self.sockets_dir = config.sockets_dir or default_sockets_dir(self.home)
         if self.sockets_dir.parent.name == "clearway" or self.sockets_dir.parent.name.startswith("clearway-"):

@@ -52,6 +52,7 @@ class GatewayProcess:
         port: int,
         identity_key: Path | None = None,
         python: str = sys.executable,
+        workers: int | None = None,
     ) -> None:
         self.home = home
         self.host = host
@@ -59,6 +60,8 @@ class GatewayProcess:
         #: The public key that verifies replica and pin tokens (None: internal routes refuse all).
         self.identity_key = identity_key
         self.python = python
+        #: Worker processes asked for (None: the gateway's default, one per core).
+        self.workers = workers
         self.routes_path = home / "routes.json"
         self.admin_socket = home / "gateway.sock"
         self.log_path = home / "logs" / "gateway.log"
@@ -95,9 +98,9 @@ class GatewayProcess:
         pid, start = record.get("pid"), record.get("start_time")
         if not isinstance(pid, int) or not is_alive(pid, start):
             return False
-        wanted = (self.host, self.port, str(self.identity_key) if self.identity_key else None)
-        if (record.get("host"), record.get("port"), record.get("identity_key")) != wanted:
-            # Restarted on another port, or with other keys: replace the gateway.
+        wanted = (self.host, self.port, str(self.identity_key) if self.identity_key else None, self.workers)
+        if (record.get("host"), record.get("port"), record.get("identity_key"), record.get("workers")) != wanted:
+            # Restarted on another port, with other keys or workers: replace the gateway.
             os.kill(pid, signal.SIGTERM)
             return False
         self._watch(pid)
@@ -121,6 +124,8 @@ class GatewayProcess:
         ]
         if self.identity_key is not None:
             argv += ["--identity-key", str(self.identity_key)]
+        if self.workers is not None:
+            argv += ["--workers", str(self.workers)]
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             # posix_spawn rather than Popen: the gateway is meant to outlive us,
@@ -159,6 +164,7 @@ class GatewayProcess:
             "host": self.host,
             "port": self.port,
             "identity_key": str(self.identity_key) if self.identity_key else None,
+            "workers": self.workers,
         }
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.record_path)
