@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import route, table
+from .conftest import raw_exchange, route, table
 from .replica import Replica
 from .test_cli import free_port
 
@@ -213,3 +213,36 @@ def _exited(pids: list[int]) -> bool:
             continue
         return False
     return True
+
+
+REFUSED = [
+    (b"GARBAGE\r\n\r\n", b"not valid HTTP/1.1"),
+    (b"GET / HTTP/1.1\r\n\r\n", b"no Host header"),
+    (  # request smuggling: a body framed two ways
+        b"POST /echo HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"",
+    ),
+]
+
+
+async def test_every_worker_refuses_what_the_gateway_refuses(replica: Replica, tmp_path: Path) -> None:
+    async with gateway(tmp_path, table(route("app", [replica.address]), generation=1).to_json()) as gw:
+        workers = gw.workers()
+        for stopped, serving in ((workers[0], 1), (workers[1], 0)):
+            # With one worker stopped, the other accepts every connection from the shared queue.
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                before = answered(await gw.ask("/stats", gw.admin.with_name(f"gw.sock.{serving}")), "app-1")
+                for request, reason in REFUSED:
+                    answer = await raw_exchange(gw.port, request)
+                    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+                    assert reason in answer
+                assert replica.control.requests == []  # nothing reached the replica
+                async with httpx.AsyncClient() as client:
+                    ok = await client.get(gw.url("/echo"), headers={"host": "app.localhost"})
+                assert ok.status_code == 200
+                replica.control.requests.clear()
+                after = answered(await gw.ask("/stats", gw.admin.with_name(f"gw.sock.{serving}")), "app-1")
+                assert after == before + 1  # served by this worker, the running one
+            finally:
+                os.kill(stopped, signal.SIGCONT)
