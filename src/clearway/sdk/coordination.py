@@ -464,7 +464,8 @@ class Leadership:
 
     ``lost`` is an ``asyncio.Event`` set the moment leadership is lost (an async
     singleton is then cancelled; a sync one's process ends, since a thread
-    cannot be interrupted); ``token`` is the fencing token of this term.
+    cannot be interrupted); ``token`` is the fencing token of this term;
+    ``deadline`` (monotonic) is when this replica stops counting on leading.
     """
 
     def __init__(self, lock: Lock, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -481,6 +482,15 @@ class Leadership:
     @property
     def held(self) -> bool:
         return self.lock.held
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` at which this replica stops counting on leading (read-only).
+
+        The lock's deadline: the last successful renewal's sending time, plus the
+        TTL, minus the margin; it moves forward with every renewal. Past it,
+        ``held`` is False whether or not ``lost`` has been seen yet."""
+        return self.lock.deadline
 
 
 def leader(name: str) -> str | None:
