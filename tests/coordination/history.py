@@ -247,28 +247,48 @@ def check(history: History, *, bounded: bool = True) -> list[str]:
 
 
 def check_owned_again(
-    history: History, locks: Iterable[str], *, within: float, since: float, until: float
+    history: History,
+    locks: Iterable[str],
+    *,
+    within: float,
+    since: float,
+    until: float,
+    outages: Iterable[tuple[float, float]] = (),
+    after_outage: float = 0.0,
 ) -> list[str]:
     """Every time one of ``locks`` had no valid holder for longer than ``within`` seconds
-    between ``since`` and ``until`` (a shard or a singleton not taken over in time)."""
+    between ``since`` and ``until`` (a shard or a singleton not taken over in time).
+
+    ``outages`` are windows (start, end) in which the backend was down: nothing can
+    be taken over then, so a gap that overlaps one may last until ``after_outage``
+    seconds after its end."""
+    windows = list(outages)
     violations: list[str] = []
     held: dict[str, list[Validity]] = {lock: [] for lock in locks}
     for v in history.validity():
         if v.lock in held:
             held[v.lock].append(v)
+
+    def too_long(start: float, end: float) -> str | None:
+        allowed = start + within
+        for down, up in windows:
+            if down < end and start < up:
+                allowed = max(allowed, up + after_outage)
+        return f"more than allowed by {allowed:.3f}" if end > allowed else None
+
     for lock, intervals in sorted(held.items()):
         covered = since  # the lock was held (or the run had not started) until here
         for v in sorted(intervals, key=lambda v: v.start):
-            if v.start - covered > within:
+            if (excess := too_long(covered, v.start)) is not None:
                 violations.append(
                     f"lock {lock}: no valid holder from {covered:.3f} to {v.start:.3f} "
-                    f"({v.start - covered:.2f} s, more than {within:g} s)"
+                    f"({v.start - covered:.2f} s, {excess})"
                 )
             covered = max(covered, v.end)
-        if until - covered > within:
+        if (excess := too_long(covered, until)) is not None:
             violations.append(
                 f"lock {lock}: no valid holder from {covered:.3f} to the end of the run at {until:.3f} "
-                f"({until - covered:.2f} s, more than {within:g} s)"
+                f"({until - covered:.2f} s, {excess})"
             )
     return violations
 

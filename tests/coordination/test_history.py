@@ -133,6 +133,9 @@ def test_checker_reports_a_lock_not_taken_over_in_time() -> None:
     assert [v.split(":")[0] for v in violations] == ["lock s/0", "lock s/1", "lock s/2"], violations
     assert "from 1.000 to 2.000" in violations[0] and "to the end of the run" in violations[1]
     assert check_owned_again(h, ["s/0", "s/1"], within=1.5, since=0.0, until=5.0) == []
+    # A backend outage from 0.5 to 1.8 excuses s/0's gap up to 0.5 s after it.
+    assert check_owned_again(h, ["s/0"], within=0.9, since=0.0, until=5.0, outages=[(0.5, 1.8)], after_outage=0.5) == []
+    assert check_owned_again(h, ["s/0"], within=0.9, since=0.0, until=5.0, outages=[(0.5, 1.4)], after_outage=0.5)
 
 
 # -- real workloads ------------------------------------------------------------------------------
