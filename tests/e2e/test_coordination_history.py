@@ -40,7 +40,10 @@ The second test (embedded backend) SIGKILLs the control plane while
 ``cw.Lock("kept", ttl=30)``, starts it again on the same home, and checks the
 issue's promise: a control-plane restart shorter than the TTL changes no leader
 and no lock holder (same replica, same token, the same process, which never
-noticed a loss) — and that the run's history is still clean across it. "Shorter
+noticed a loss), that the standby kept its place in the queue (a graceful stop
+of the leader right after hands over at once: it used to wait for the TTL of a
+place lost in the outage) — and that the run's history is still clean across
+it. "Shorter
 than the TTL" precisely: shorter than what is left of each holder's own
 deadline at the kill, which is at least two thirds of the TTL less the margin
 (renewals go every third), hence the long TTL here.
@@ -391,6 +394,23 @@ def test_a_control_plane_restart_shorter_than_the_ttl_changes_no_leader_and_no_h
     assert check(history) == []
     assert f"keeper holds kept with token {kept['token']}" in lines
     assert not [line for line in lines if "steady stops leading" in line or "keeper lost kept" in line]
+
+    # The standby kept its place in the queue through the restart: a graceful stop of the
+    # leader hands over at once, not after the TTL of a place lost in the outage.
+    os.killpg(after[leader["replica"]], signal.SIGTERM)
+    handed = time.monotonic()
+    successor = wait_for(
+        "the standby's replica to hold the lock",
+        lambda: (found := locks(platform).get("singleton/steady")) and found["replica"] != leader["replica"] and found,
+        within=STEADY_TTL / 6,
+    )
+    # ... and its process to lead: the holder is its live place in the queue, not one it lost.
+    wait_for(
+        "the standby to lead",
+        lambda: f"steady leads with token {successor['token']}"
+        in platform.cli("logs", "hist", "--component", "steady", "--tail", "50").stdout,
+        within=STEADY_TTL / 6 - (time.monotonic() - handed),
+    )
 
 
 def _zombie(pid: int) -> bool:
