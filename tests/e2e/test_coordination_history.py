@@ -282,7 +282,11 @@ def test_a_run_with_killed_paused_and_restarted_parts_has_a_clean_history(run: R
     store.let_go()
     try:
         # Meanwhile: kill -9 of the chief leader and of the owner of shard 0.
-        held = locks(platform)
+        held = wait_for(
+            "a chief and an owner of shard 0",
+            lambda: (found := locks(platform)) and {"singleton/chief", "shards/part/shard/0"} <= set(found) and found,
+            within=10,
+        )
         chief, owner = held["singleton/chief"], held["shards/part/shard/0"]
         faults["SIGKILL of the chief and of shard 0's owner"] = time.monotonic()
         os.killpg(running[chief["replica"]], signal.SIGKILL)
