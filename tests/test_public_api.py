@@ -62,6 +62,14 @@ def test_every_exported_exception_is_a_clearway_error() -> None:
         assert issubclass(getattr(clearway, name), clearway.ClearwayError), name
 
 
+def test_every_holding_says_until_when_it_counts_on_itself() -> None:
+    # A lock, a singleton's leadership and a shard expose their own deadline (monotonic),
+    # read-only: the bound on their validity that a history of holdings is checked against.
+    for holding in (clearway.Lock, clearway.Leadership, clearway.Shard):
+        deadline = getattr(holding, "deadline", None)
+        assert isinstance(deadline, property) and deadline.fset is None, holding
+
+
 def test_importing_clearway_starts_nothing_heavy() -> None:
     import subprocess
     import sys

@@ -13,13 +13,14 @@ clean; against an unfenced one it is accepted, and the checker must say so.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
 
 from clearway.coordination import Coordinator
 from tests.coordination.conftest import renew, stop, wait_until
-from tests.coordination.history import FencedResource, History, check
+from tests.coordination.history import FencedResource, History, Write, check, check_owned_again
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,6 +84,58 @@ def test_checker_reports_a_stale_write_that_got_through() -> None:
     fenced = FencedResource("f", History(margin=MARGIN))
     assert fenced.write("b", 7, at=1.0) and not fenced.write("a", 5, at=1.1)
     assert check(fenced.history) == []
+
+
+def test_reported_deadlines_bound_validity_and_a_late_report_does_not_revive_it() -> None:
+    h = History(margin=MARGIN)
+    for event in (
+        {"ev": "acquired", "client": "a", "lock": "l", "token": 5, "at": 0.0, "deadline": 1.0},
+        {"ev": "acting", "client": "a", "lock": "l", "token": 5, "at": 0.5, "deadline": 1.5},
+        # Paused past 1.5, it wakes and reports again: too late to extend anything.
+        {"ev": "acting", "client": "a", "lock": "l", "token": 5, "at": 3.0, "deadline": 3.5},
+        {"ev": "lost", "client": "a", "lock": "l", "token": 5, "at": 3.1},
+        {"ev": "acquired", "client": "b", "lock": "l", "token": 7, "at": 2.0, "deadline": 3.0},
+    ):
+        h.apply(event)
+    assert [round(v.end, 3) for v in h.validity()] == [1.5, 3.0]
+    assert [v.end for v in h.validity(bounded=False)] == [3.1, math.inf]
+    assert check(h) == []
+    # Not bounded by the deadline, a's validity runs until it noticed the loss, over b's.
+    [violation] = check(h, bounded=False)
+    assert "a (token 5" in violation and "held it at once" in violation
+
+
+def test_a_replay_through_an_unfenced_resource_shows_the_stale_write() -> None:
+    h = History(margin=MARGIN)
+    resource = FencedResource("r", h)
+    assert resource.write("b", 7, at=1.0) and not resource.write("a", 5, at=1.1)
+    assert check(h) == []
+    assert check(h.replayed(fenced=True)) == []
+    [violation] = check(h.replayed(fenced=False))
+    assert "accepted token 5 of a" in violation
+
+
+def test_checker_reports_a_valid_holder_refused() -> None:
+    h = History(margin=MARGIN)
+    h.apply({"ev": "acquired", "client": "a", "lock": "l", "token": 5, "at": 0.0, "deadline": 1.0})
+    FencedResource("r", h).write("a", 5, at=0.5)
+    h.writes[-1] = Write("a", "r", 5, 0.5, accepted=False)
+    [violation] = check(h)
+    assert "refused token 5 of a" in violation and "rightful" in violation
+
+
+def test_checker_reports_a_lock_not_taken_over_in_time() -> None:
+    h = History(margin=MARGIN)
+    h.apply({"ev": "acquired", "client": "a", "lock": "s/0", "token": 1, "at": 0.0, "deadline": 1.0})
+    h.apply({"ev": "acquired", "client": "b", "lock": "s/0", "token": 2, "at": 2.0, "deadline": 10.0})
+    h.apply({"ev": "acquired", "client": "a", "lock": "s/1", "token": 3, "at": 0.5, "deadline": 4.0})
+    violations = check_owned_again(h, ["s/0", "s/1", "s/2"], within=0.9, since=0.0, until=5.0)
+    assert [v.split(":")[0] for v in violations] == ["lock s/0", "lock s/1", "lock s/2"], violations
+    assert "from 1.000 to 2.000" in violations[0] and "to the end of the run" in violations[1]
+    assert check_owned_again(h, ["s/0", "s/1"], within=1.5, since=0.0, until=5.0) == []
+    # A backend outage from 0.5 to 1.8 excuses s/0's gap up to 0.5 s after it.
+    assert check_owned_again(h, ["s/0"], within=0.9, since=0.0, until=5.0, outages=[(0.5, 1.8)], after_outage=0.5) == []
+    assert check_owned_again(h, ["s/0"], within=0.9, since=0.0, until=5.0, outages=[(0.5, 1.4)], after_outage=0.5)
 
 
 # -- real workloads ------------------------------------------------------------------------------

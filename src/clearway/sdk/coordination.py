@@ -55,7 +55,9 @@ request is then withdrawn (and a private lease revoked), so nothing leaks when
 a caller gives up. Closing a session revokes its lease: every lock held with
 it is released at once.
 
-Waiters are served first come, first served.
+Waiters are served first come, first served. A waiter keeps its place while
+its lease lives, between polls and through a control-plane restart: a poll
+that gets no answer is asked again with the same lease.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ __all__ = ["Leadership", "Lock", "LockError", "LockTimeout", "Session", "leader"
 
 #: One long poll of an acquire asks the server to wait at most this long.
 _POLL = 20.0
+#: A poll that got no answer is asked again after this long (while the lease lives).
+_RETRY = 0.5
 _NAME = re.compile(r"[A-Za-z0-9._:-]+(/[A-Za-z0-9._:-]+)*")
 
 
@@ -378,7 +382,20 @@ class Lock:
                     poll = max(0.0, min(poll, give_up - time.monotonic()))
                 if session.lost.is_set():
                     raise LockError(f"the lease for lock {self.name!r} expired while waiting; try again")
-                status, answer = _call("POST", path, {"lease": session.lease, "wait": poll}, timeout=poll + 30)
+                try:
+                    status, answer = _call("POST", path, {"lease": session.lease, "wait": poll}, timeout=poll + 30)
+                except LockError:
+                    # No answer (the control plane restarting, say). The place in the queue is
+                    # the lease's, and lives as long as it: ask again with it. Giving it up now
+                    # would not work either — the withdrawal cannot reach the control plane, so
+                    # the old place would stay ahead of a new one until its lease expired.
+                    if not session.alive:
+                        raise
+                    if give_up is not None and time.monotonic() >= give_up:
+                        self._abandon()
+                        return False
+                    session.lost.wait(_RETRY)
+                    continue
                 if status == 200:
                     self.token = int(answer["token"])
                     return True
@@ -464,7 +481,8 @@ class Leadership:
 
     ``lost`` is an ``asyncio.Event`` set the moment leadership is lost (an async
     singleton is then cancelled; a sync one's process ends, since a thread
-    cannot be interrupted); ``token`` is the fencing token of this term.
+    cannot be interrupted); ``token`` is the fencing token of this term;
+    ``deadline`` (monotonic) is when this replica stops counting on leading.
     """
 
     def __init__(self, lock: Lock, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -481,6 +499,15 @@ class Leadership:
     @property
     def held(self) -> bool:
         return self.lock.held
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` at which this replica stops counting on leading (read-only).
+
+        The lock's deadline: the last successful renewal's sending time, plus the
+        TTL, minus the margin; it moves forward with every renewal. Past it,
+        ``held`` is False whether or not ``lost`` has been seen yet."""
+        return self.lock.deadline
 
 
 def leader(name: str) -> str | None:

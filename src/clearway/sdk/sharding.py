@@ -218,8 +218,9 @@ def shard_for(key: str | bytes, *, worker: str, shards: int | None = None) -> tu
 
 class Shard:
     """One shard, while this replica owns it: ``index`` of ``count``, the fencing
-    ``token`` of its ownership, and ``lost`` (an ``asyncio.Event``) set the
-    moment the shard is lost or moves away (the call is then cancelled)."""
+    ``token`` of its ownership, ``deadline`` (monotonic) when this replica stops
+    counting on it, and ``lost`` (an ``asyncio.Event``) set the moment the shard
+    is lost or moves away (the call is then cancelled)."""
 
     def __init__(self, index: int, count: int, lock: Lock) -> None:
         self.index = index
@@ -235,6 +236,13 @@ class Shard:
     def held(self) -> bool:
         """True while this replica owns the shard (its lease's deadline not passed)."""
         return not self.lost.is_set() and self._lock.held
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` at which this replica stops counting on owning the shard
+        (read-only): its session's deadline (the last successful renewal's sending time,
+        plus the TTL, minus the margin), moving forward with every renewal."""
+        return self._lock.deadline
 
 
 # -- the loop a replica of a sharded worker runs ----------------------------------------------
