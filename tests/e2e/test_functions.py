@@ -272,7 +272,7 @@ def test_no_invocation_is_lost_when_the_control_plane_is_killed(platform: Platfo
 
 def test_an_idle_function_scales_to_zero_and_a_request_wakes_it(platform: Platform, tmp_path: Path) -> None:
     body = (
-        '@app.function(http="/hello", idle_timeout=1)\n'
+        '@app.function(http="/hello", idle_timeout=3)\n'
         "def hello(name: str) -> str:\n"
         '    return f"hello {name}"\n'
     )
@@ -291,7 +291,9 @@ def test_an_idle_function_scales_to_zero_and_a_request_wakes_it(platform: Platfo
             # At zero, the gateway holds the request while a replica starts, then serves it.
             response = platform.get("sleepy", "/hello?name=cold")
             assert (response.status_code, response.json()) == (200, "hello cold")
+            # Read while the woken replica runs (it idles away again after idle_timeout).
             [fn] = client.get("/v1/apps/sleepy/functions").json()["functions"]
+            listed = platform.cli("functions", "sleepy").stdout
             reasons = [d["reason"] for d in fn["scaling"]["decisions"]]
             assert any("idle" in r for r in reasons) and "cold start" in reasons[-1], reasons
             # The replica was forked from the revision's warm parent, and its start-up is measured:
@@ -307,7 +309,7 @@ def test_an_idle_function_scales_to_zero_and_a_request_wakes_it(platform: Platfo
             held = f'app="sleepy",component="hello",revision="{revision}"'
             assert f"clearway_gateway_hold_seconds_count{{{held}}} 1.0" in metrics
             assert f"clearway_gateway_held_first_response_seconds_count{{{held}}} 1.0" in metrics
-            assert "forked in" in platform.cli("functions", "sleepy").stdout
+            assert "forked in" in listed, listed
 
             # `clearway scale APP FUNCTION 0` puts it to sleep now, whatever its load.
             platform.cli("scale", "sleepy", "hello", "0")

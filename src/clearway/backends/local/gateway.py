@@ -60,7 +60,8 @@ class GatewayProcess:
         #: The public key that verifies replica and pin tokens (None: internal routes refuse all).
         self.identity_key = identity_key
         self.python = python
-        #: Worker processes asked for (None: the gateway's default, one per core).
+        #: Worker processes asked for (None: the gateway's default, one per core, or
+        #: whatever the running gateway that is adopted has).
         self.workers = workers
         self.routes_path = home / "routes.json"
         self.admin_socket = home / "gateway.sock"
@@ -98,11 +99,15 @@ class GatewayProcess:
         pid, start = record.get("pid"), record.get("start_time")
         if not isinstance(pid, int) or not is_alive(pid, start):
             return False
-        wanted = (self.host, self.port, str(self.identity_key) if self.identity_key else None, self.workers)
-        if (record.get("host"), record.get("port"), record.get("identity_key"), record.get("workers")) != wanted:
-            # Restarted on another port, with other keys or workers: replace the gateway.
+        wanted = (self.host, self.port, str(self.identity_key) if self.identity_key else None)
+        recorded = (record.get("host"), record.get("port"), record.get("identity_key"))
+        other_workers = self.workers is not None and record.get("workers") != self.workers
+        if recorded != wanted or other_workers:
+            # Restarted on another port, with other keys or asked for another number of
+            # workers: replace the gateway. (Not asking for a number keeps the running one.)
             os.kill(pid, signal.SIGTERM)
             return False
+        self.workers = record.get("workers") if self.workers is None else self.workers
         self._watch(pid)
         return True
 
