@@ -242,6 +242,11 @@ def main() -> int:
     )
     args = parser.parse_args()
     proxy_cpu, load_cpu, layout = cpu_layout(not args.no_pin)
+    # Asked before the gateways start, as they will decide (a source edited later does not count).
+    hot_path = subprocess.run(
+        [sys.executable, "-c", "import clearway.gateway as g; print('compiled' if g.compiled else 'pure Python')"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
 
     with tempfile.TemporaryDirectory(prefix="clearway-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -295,10 +300,6 @@ def main() -> int:
     cpus = os.cpu_count()
     print(f"\nclearway gateway benchmark — {cpus} CPU(s), wrk -t1, {args.duration:g} s per run, all on 127.0.0.1")
     print(f"{layout}.")
-    hot_path = subprocess.run(
-        [sys.executable, "-c", "import clearway.gateway as g; print('compiled' if g.compiled else 'pure Python')"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
     print(
         "backend: nginx 'return 200 \"hello\"' (1 worker); proxies: clearway gateway (--workers 1, uvloop,"
         f" hot path {hot_path})"
