@@ -28,6 +28,11 @@ Why the pure modules must stay a working fallback, and when they are used:
 * no build at all (no compiler, an interpreter the build was not made for):
   the extension files do not exist or do not match this interpreter's suffix.
 
+Only ``scripts/compile`` should build them: extension files with no
+``_compiled.json`` beside them (a hand-run ``mypyc``) are imported as found,
+unchecked.  The hashes cover the compiled modules' own sources only; what they
+import from modules that are not compiled is called through Python, as before.
+
 The fallback is a meta-path finder placed in front of the normal ones, which
 loads the listed modules from their ``.py`` files.  It must be installed
 before any of them is imported, so ``clearway.gateway`` imports this module
