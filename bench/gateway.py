@@ -4,7 +4,8 @@ Run:  python bench/gateway.py [--duration 10] [--connections 64]
 
 One backend (nginx ``return 200 "hello"``, 1 worker: the fastest thing we have,
 so that the proxies are the bottleneck) is put behind
-  (a) clearway's gateway  (``python -m clearway.gateway``, one process, uvloop), and
+  (a) clearway's gateway  (``python -m clearway.gateway --workers 1``: one worker process,
+      uvloop, under its idle master), and
   (b) nginx as a reverse proxy (``worker_processes 1``, keep-alive upstream pool),
 so both proxies get exactly one process.  wrk drives the backend directly and
 each proxy in the same run, all on 127.0.0.1.
@@ -136,18 +137,33 @@ http {{
 
 @contextlib.contextmanager
 def run_gateway(
-    tmp: Path, port: int, table: dict[str, object], cpus: str | None = None, extra_args: tuple[str, ...] = ()
+    tmp: Path,
+    port: int,
+    table: dict[str, object],
+    cpus: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    pure: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """clearway's gateway on ``port`` serving ``table`` (a routes.json document)."""
-    routes = tmp / "routes.json"
+    """clearway's gateway on ``port`` serving ``table`` (a routes.json document).
+
+    ``pure``: run the pure-Python hot path even where a compiled one is built.
+    """
+    name = "gateway-py" if pure else "gateway"
+    routes = tmp / f"{name}-routes.json"
     routes.write_text(json.dumps(table))
+    env = {**os.environ, "CLEARWAY_PURE_PYTHON": "1"} if pure else None
     proc = subprocess.Popen(
         pinned(
             [sys.executable, "-m", "clearway.gateway", "--listen", f"127.0.0.1:{port}",
-             "--routes", str(routes), "--admin-socket", str(tmp / "gateway.sock"), *extra_args],
+             "--routes", str(routes), "--admin-socket", str(tmp / f"{name}.sock"),
+             # One worker, like nginx's worker_processes 1 (the default is one per core the
+             # process may run on: pinned that is already 1, unpinned it would be 2).  The
+             # master only binds the port and answers the admin socket; its CPU is counted too.
+             "--workers", "1", *extra_args],
             cpus,
         ),
         stdout=subprocess.PIPE,
+        env=env,
     )
     assert proc.stdout is not None
     if proc.stdout.readline() != b"READY\n":
@@ -161,7 +177,7 @@ def run_gateway(
 
 @contextlib.contextmanager
 def clearway_gateway(
-    tmp: Path, port: int, backend_port: int, cpus: str | None = None
+    tmp: Path, port: int, backend_port: int, cpus: str | None = None, pure: bool = False
 ) -> Iterator[subprocess.Popen[bytes]]:
     table: dict[str, object] = {
         "version": 1, "generation": 1, "domains": ["localhost"],
@@ -169,7 +185,7 @@ def clearway_gateway(
                     "targets": [{"revision": "bench-1", "weight": 100,
                                  "endpoints": [f"127.0.0.1:{backend_port}"]}]}],
     }
-    with run_gateway(tmp, port, table, cpus) as proc:
+    with run_gateway(tmp, port, table, cpus, pure=pure) as proc:
         yield proc
 
 
@@ -220,12 +236,21 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for the saturation runs")
     parser.add_argument("--repeats", type=int, default=3, help="alternating saturation runs per target (median)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs with taskset")
+    parser.add_argument(
+        "--pure-too", action="store_true",
+        help="also run the gateway's pure-Python hot path (CLEARWAY_PURE_PYTHON=1) as 'gateway-py', alternating",
+    )
     args = parser.parse_args()
     proxy_cpu, load_cpu, layout = cpu_layout(not args.no_pin)
+    # Asked before the gateways start, as they will decide (a source edited later does not count).
+    hot_path = subprocess.run(
+        [sys.executable, "-c", "import clearway.gateway as g; print('compiled' if g.compiled else 'pure Python')"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
 
     with tempfile.TemporaryDirectory(prefix="clearway-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        backend_port, nginx_port, gateway_port = free_port(), free_port(), free_port()
+        backend_port, nginx_port, gateway_port, pure_port = free_port(), free_port(), free_port(), free_port()
         backend = f'listen 127.0.0.1:{backend_port} backlog=4096; location / {{ return 200 "hello"; }}'
         proxy = (
             f"listen 127.0.0.1:{nginx_port} backlog=4096;"
@@ -237,15 +262,20 @@ def main() -> int:
             nginx(tmp, "backend", backend, cpus=load_cpu) as backend_proc,
             nginx(tmp, "proxy", proxy, upstream, cpus=proxy_cpu) as nginx_proc,
             clearway_gateway(tmp, gateway_port, backend_port, cpus=proxy_cpu) as gateway_proc,
+            contextlib.ExitStack() as more,
         ):
             pids = {"direct": backend_proc.pid, "nginx": nginx_proc.pid, "gateway": gateway_proc.pid}
-            for port in (backend_port, nginx_port, gateway_port):
-                wait_for_port(port)
             targets = {
                 "direct": f"http://127.0.0.1:{backend_port}/",
                 "nginx": f"http://127.0.0.1:{nginx_port}/",
                 "gateway": f"http://127.0.0.1:{gateway_port}/",
             }
+            if args.pure_too:
+                pure_proc = more.enter_context(clearway_gateway(tmp, pure_port, backend_port, proxy_cpu, pure=True))
+                pids["gateway-py"] = pure_proc.pid
+                targets["gateway-py"] = f"http://127.0.0.1:{pure_port}/"
+            for url in targets.values():
+                wait_for_port(int(url.rsplit(":", 1)[1].strip("/")))
             for url in targets.values():  # warm up pools and caches
                 wrk(url, 1, args.connections, cpus=load_cpu)
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -270,13 +300,16 @@ def main() -> int:
     cpus = os.cpu_count()
     print(f"\nclearway gateway benchmark — {cpus} CPU(s), wrk -t1, {args.duration:g} s per run, all on 127.0.0.1")
     print(f"{layout}.")
-    print("backend: nginx 'return 200 \"hello\"' (1 worker); proxies: clearway gateway (1 process, uvloop)")
+    print(
+        "backend: nginx 'return 200 \"hello\"' (1 worker); proxies: clearway gateway (--workers 1, uvloop,"
+        f" hot path {hot_path})"
+    )
     print("and nginx reverse proxy (worker_processes 1, upstream keepalive), both without access logs.\n")
     print(
         f"saturation (wrk -c{args.connections}, closed loop; median of {len(runs['nginx'])} alternating runs,"
         " all runs in brackets):"
     )
-    for name in ("direct", "nginx", "gateway"):
+    for name in runs:
         s = saturation[name]
         every = ", ".join(f"{r['rps']:.0f}" for r in runs[name])
         print(
@@ -284,7 +317,14 @@ def main() -> int:
             f"   cpu {s['cpu_us']:.1f} us/req   [{every}]"
         )
     ratio = saturation["gateway"]["rps"] / saturation["nginx"]["rps"]
-    print(f"  ratio gateway/nginx: {ratio:.2f}x  (goal >= 0.9x)\n")
+    print(f"  ratio gateway/nginx: {ratio:.2f}x  (goal >= 1.0x; CPU per request <= nginx's)")
+    if "gateway-py" in saturation:
+        pure = saturation["gateway-py"]
+        print(
+            f"  compiled vs pure-Python gateway: {saturation['gateway']['rps'] / pure['rps']:.2f}x req/s,"
+            f" {saturation['gateway']['cpu_us'] / pure['cpu_us']:.2f}x CPU per request"
+        )
+    print()
     print(
         f"added latency at half of each proxy's saturation rate ({LATENCY_CONNECTIONS} connections paced\n"
         "with a wrk Lua delay() - an approximation of constant rate, not a true open loop;\n"

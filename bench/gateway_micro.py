@@ -12,6 +12,9 @@ What is left is the interpreter's CPU time per request (process time, so
 other busy processes on the machine matter less), stable to a few percent,
 which makes it the number to watch while changing the hot path.
 
+It prints whether the hot path ran compiled (``scripts/compile``) or as
+Python; ``CLEARWAY_PURE_PYTHON=1`` forces the latter, for comparisons.
+
 Two request shapes: ``wrk`` (request line and Host only) and ``browser``
 (a dozen headers, as a real client sends).  The response is what nginx's
 ``return 200 "hello"`` sends.
@@ -29,6 +32,7 @@ from typing import Any
 
 import uvloop
 
+import clearway.gateway
 from clearway.gateway import GatewaySettings, RouteTable
 from clearway.gateway._metrics import Metrics
 from clearway.gateway._proxy import ClientConnection, ProxyContext
@@ -144,7 +148,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the run (slower)")
     args = parser.parse_args()
-    print("gateway Python cost per proxied request (in-memory transports, one read per message):")
+    hot_path = "compiled" if clearway.gateway.compiled else "pure Python"
+    print(f"gateway Python cost per proxied request (hot path {hot_path}; in-memory transports, one read per message):")
     for shape in REQUESTS:
         run(shape, args.requests, args.profile)
     return 0

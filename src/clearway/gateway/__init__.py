@@ -28,12 +28,20 @@ calling and may they: replica and platform tokens, internal-route policy, pin to
 ``_admin``, ``_error_pages``, ``_settings``, ``_gateway``
 (lifecycle), ``_workers`` (the master and its workers), ``_merge`` (their
 admin answers added up) and ``_cli``.  Only the names below are public.
+
+The per-request modules run compiled by mypyc when ``scripts/install`` built
+them, and as Python otherwise; ``compiled`` says which (``_compiled`` decides,
+and must be imported before them).
 """
 
+from . import _compiled
 from ._gateway import Gateway, GatewayState, ListenError
 from ._identity import IdentityKeyError
 from ._routes import Affinity, AllowRule, Route, RoutesError, RouteTable, Target, load_routes
 from ._settings import GatewaySettings
+
+#: True when the hot path (``_proxy``, ``_upstream``, ...) runs as mypyc-compiled C.
+compiled: bool = _compiled.use_compiled()
 
 __all__ = [
     "Affinity",
@@ -47,5 +55,6 @@ __all__ = [
     "RouteTable",
     "RoutesError",
     "Target",
+    "compiled",
     "load_routes",
 ]
