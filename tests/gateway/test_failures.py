@@ -116,3 +116,28 @@ async def test_client_disconnecting_mid_body_harms_nobody(
     r = await client.get(f"{gw.url}/echo", headers=HOST)
     assert r.status_code == 200
     assert b'clearway_gateway_requests_total{app="hello",code="4xx",component="",revision="hello-1"} 1.0' in gw.metrics_text()
+
+
+async def test_a_get_whose_replica_dies_answering_goes_to_another_replica(
+    replica: Replica, start_gateway: GatewayFactory
+) -> None:
+    async with run_scripted_replica(answers_per_connection=0) as dying:
+        gw = await start_gateway(table(route("hello", [dying.address, replica.address])))
+        async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
+            for n in range(10):
+                r = await fresh.get(f"{gw.url}/get-{n}", headers=HOST)
+                assert r.status_code == 200 and r.headers["x-replica"] == "r1"
+        assert dying.requests, "the dying replica was never tried: the test proves nothing"
+        # Each GET reached the dying replica at most once before going to the healthy one.
+        assert len(dying.requests) == len(set(dying.requests))
+
+
+async def test_a_get_that_kills_every_replica_is_sent_a_bounded_number_of_times(
+    start_gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    async with run_scripted_replica(answers_per_connection=0) as dying:
+        gw = await start_gateway(table(route("hello", [dying.address])))
+        r = await client.get(f"{gw.url}/poison", headers=HOST)
+        assert r.status_code == 502
+        assert "closed the connection before answering" in r.text
+        assert dying.requests == ["GET /poison"] * 3  # max_attempts

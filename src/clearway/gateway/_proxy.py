@@ -63,9 +63,14 @@ HTTP decisions worth knowing:
 * A request with two ``Host`` headers (or two of the trust headers) gets a
   400: a proxy that routes by one while the app reads the other can be made
   to send a request where its checks did not look.
-* Retries: only when nothing can have reached the app - the connect failed,
-  or a *reused* pooled connection closed before any response byte and the
-  request is idempotent and bodiless.
+* Retries: when nothing can have reached the app - the connect failed, or a
+  *reused* pooled connection closed before any response byte - and, as nginx
+  does, when the replica closed a new connection without a byte of answer (it
+  crashed or was killed while answering) and the request is idempotent and
+  bodiless: it goes to another replica, so a replica crash fails no GET.  A
+  request with a body, or a POST, is never sent twice.  At most
+  ``max_attempts`` sends in all, so a request that kills every replica it
+  reaches stops after a few.
 * Pipelined requests are parsed as they arrive but their events are queued
   and replayed once the response in front of them is complete.
 """
@@ -784,19 +789,24 @@ class ClientConnection(asyncio.Protocol):
         if self._pending_size > self._settings.max_pending_body:
             self._pause(_BODY_BUFFERED)
 
-    def _start_slow_path(self) -> None:
+    def _start_slow_path(self, avoid: Endpoint | None = None) -> None:
         assert self._route is not None and self._target is not None
         name = f"gateway request {self._request_id.decode('latin-1')} to {self._route.app}/{self._target.revision}"
-        self._task = self._ctx.supervisor.start(name, self._slow_path(), on_failure=self._on_task_failure)
+        self._task = self._ctx.supervisor.start(name, self._slow_path(avoid), on_failure=self._on_task_failure)
 
-    async def _slow_path(self) -> None:
-        """Hold until the revision has replicas, connect (retrying on failure), send."""
+    async def _slow_path(self, avoid: Endpoint | None = None) -> None:
+        """Hold until the revision has replicas, connect (retrying on failure), send.
+
+        ``avoid`` is a replica that just died answering this request: another
+        is tried first, and it only if it is the only one (its socket outlives
+        it, and its restart answers).
+        """
         ctx = self._ctx
         route = self._route
         target = self._target
         assert route is not None and target is not None
         hold_deadline = self._loop.time() + self._settings.hold_timeout
-        failed: set[Endpoint] = set()
+        failed: set[Endpoint] = {avoid} if avoid is not None and len(target.endpoints) > 1 else set()
         last_error: BaseException | None = None
         while True:
             if not target.endpoints and not ctx.closing:
@@ -1058,17 +1068,18 @@ class ClientConnection(asyncio.Protocol):
                 self._finish(self._resp_status)
             return
         if (
-            conn.reused
-            and not conn.received
+            not conn.received
             and self._method in _IDEMPOTENT
             and not self._body_expected
             and self._upgrade is None
             and self._attempts + 1 < self._settings.max_attempts
         ):
             # A pooled connection the replica closed before we used it: safe to resend.
+            # A new one it closed without a byte of answer: the replica died answering;
+            # an idempotent request may be sent again (RFC 9110 9.2.2), to another replica.
             self._attempts += 1
             self._state = _DISPATCHING
-            self._start_slow_path()
+            self._start_slow_path(avoid=None if conn.reused else conn.endpoint)
             return
         route, target = self._route, self._target
         app = route.app if route is not None else "?"
