@@ -37,7 +37,7 @@ What every server keeps, whichever is chosen:
   worker processes do (``granian/server/mp.py``) but without the main process:
   one process per replica, as with uvicorn, whose pid, cgroup and signals the
   supervisor already owns. That uses granian's internals, hence the narrow
-  version range in ``REPLICA_REQUIREMENTS`` (``granian>=2.8,<2.9``), each
+  version range (`GRANIAN_REQUIREMENT`, ``granian>=2.8,<2.9``), each
   release to be checked by ``tests/runtime/test_servers.py`` before widening it.
 * **graceful drain on SIGTERM.** Both stop accepting, let in-flight requests
   finish (idle keep-alive connections are closed), run the ASGI lifespan
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import importlib.util
 import signal
 import socket
@@ -71,6 +72,7 @@ from clearway.runtime.interface import as_asgi, detect_interface
 from clearway.spec.model import Interface, Server
 
 __all__ = [
+    "GRANIAN_REQUIREMENT",
     "GranianServer",
     "PreparedServer",
     "ServerName",
@@ -83,6 +85,11 @@ __all__ = [
 ]
 
 ServerName = Literal["uvicorn", "granian"]
+
+#: The granian releases this module drives (it uses their internals): what app
+#: environments get, and what ``auto`` accepts in one.
+GRANIAN_REQUIREMENT = "granian>=2.8,<2.9"
+GRANIAN_SERIES = (2, 8)
 
 #: What granian's WSGI worker may run at once: threads calling the app, and requests
 #: admitted (the rest wait in the socket's backlog, as with a sync worker pool).
@@ -101,8 +108,16 @@ def _say(message: str) -> None:
 
 
 def granian_installed() -> bool:
-    """Whether granian can be imported here (the app's environment)."""
-    return importlib.util.find_spec("granian") is not None
+    """Whether a granian this module can drive (`GRANIAN_SERIES`) is installed here, in the
+    app's environment. An app may pin another granian for its own reasons: that one is
+    left alone, and ``auto`` means uvicorn."""
+    if importlib.util.find_spec("granian") is None:
+        return False
+    try:
+        version = importlib.metadata.version("granian")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) == GRANIAN_SERIES
 
 
 def choose(requested: Server, *, kind: Literal["service", "function"]) -> ServerName:
@@ -114,9 +129,9 @@ def choose(requested: Server, *, kind: Literal["service", "function"]) -> Server
     if requested == "granian":
         if not granian_installed():
             raise ServerUnavailable(
-                "server='granian' was asked for, but granian is not installed in the app's "
-                "environment (its pinned dependencies may exclude granian>=2.8,<2.9): relax "
-                "those pins, or use server='auto' to fall back to uvicorn"
+                f"server='granian' was asked for, but the app's environment has no {GRANIAN_REQUIREMENT} "
+                "(its dependencies exclude it): relax those pins, or use server='auto' to fall "
+                "back to uvicorn"
             )
         return "granian"
     if kind == "function":
