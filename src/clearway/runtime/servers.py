@@ -21,7 +21,9 @@ from a warm parent (`clearway.runtime.warmparent`) that has built its server
 before forking; that path, its start-up time (milliseconds) and its tests
 are uvicorn's, and a function's own per-request cost (JSON in, pydantic
 validation, JSON out) leaves the server less of the time to win back. A
-function that asks for ``server="granian"`` gets it, forked too.
+function that asks for ``server="granian"`` gets it, prepared in the warm
+parent like uvicorn (granian starts no thread before it serves, so the fork is
+safe; that forked path has no test of its own yet).
 
 What every server keeps, whichever is chosen:
 
@@ -48,7 +50,11 @@ What every server keeps, whichever is chosen:
 * **lifespan** (``auto``: an app that does not support it is served without),
   **WebSocket** and **streaming** request and response bodies: ASGI on both;
   WSGI apps stream responses (an iterator is sent as it yields) and read
-  ``wsgi.input`` as it arrives.
+  ``wsgi.input`` as it arrives. (Both announce ASGI spec 2.3, under which
+  Starlette's ``StreamingResponse`` also calls ``receive()`` to watch for a
+  disconnect: a handler that streams its response while reading the request
+  with ``request.stream()`` races it for body chunks. Under granian that race
+  loses chunks; read the body first, or use plain ASGI, as the tests do.)
 """
 
 from __future__ import annotations
