@@ -12,6 +12,7 @@ from clearway.control.environments import (
     REPLICA_REQUIREMENTS,
     Dependencies,
     EnvironmentBuilder,
+    check_servers,
     env_digest,
     input_digest,
     normalise_pins,
@@ -21,7 +22,7 @@ from clearway.control.retention import kept
 from clearway.control.store import Revision, RevisionState
 from clearway.exceptions import APIError
 from clearway.spec.model import AppSpec, ServiceSpec
-from tests.wheels import demo_wheelhouse
+from tests.wheels import demo_wheelhouse, make_wheel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,6 +152,42 @@ async def test_a_clash_with_the_replica_runtime_names_clearways_requirement(
     details = caught.value.details or ""
     assert "uvicorn" in details and "REPLICA_REQUIREMENTS" in details
     assert all(r in details for r in REPLICA_REQUIREMENTS)
+
+
+async def test_granian_is_in_every_environment_its_pins_allow_and_serves_under_auto(
+    tmp_path: Path, builder: EnvironmentBuilder
+) -> None:
+    built = await builder.ensure(project(tmp_path / "a", "cwdemo==1.0\n"))
+    assert built.granian and "granian" not in built.log
+    check = "from clearway.runtime.servers import choose; print(choose('auto', kind='service'))"
+    assert (await asyncio.to_thread(run_in, built.python, check)).stdout.strip() == "granian"
+
+
+async def test_pins_that_exclude_granian_fall_back_to_uvicorn_and_say_so(
+    tmp_path: Path, builder: EnvironmentBuilder
+) -> None:
+    # An app pinning an old granian of its own: resolvable, but not beside granian>=2.8.
+    make_wheel(tmp_path / "wheels", "granian", "1.0")
+    built = await builder.ensure(project(tmp_path / "a", "granian==1.0\n"))
+    assert not built.granian
+    line = built.log.splitlines()[-1]
+    assert line.startswith("granian is not in this environment: the app's dependencies exclude granian>=2.8,<2.9")
+    assert line.endswith("services with server='auto' run on uvicorn")
+    assert "granian" in built.without_granian  # uv's own explanation, kept for the error below
+    check = "from clearway.runtime.servers import choose; print(choose('auto', kind='service'))"
+    assert (await asyncio.to_thread(run_in, built.python, check)).stdout.strip() == "uvicorn"
+    # Reused: the same line, from the environment's manifest.
+    again = await builder.ensure(project(tmp_path / "b", "granian==1.0\n"))
+    assert again.reused and not again.granian and again.log.splitlines()[-1] == line
+
+    auto = AppSpec(name="a", components=[ServiceSpec(name="web")])
+    check_servers(auto, built)  # falls back: fine
+    asking = AppSpec(name="a", components=[ServiceSpec(name="web", server="granian")])
+    with pytest.raises(APIError) as caught:
+        check_servers(asking, built)
+    assert caught.value.status == 422
+    assert caught.value.message.startswith("'web' asks for server='granian', but granian cannot be installed")
+    assert "server='auto'" in caught.value.message and "granian" in (caught.value.details or "")
 
 
 async def test_a_requires_python_nothing_satisfies_fails_naming_it(tmp_path: Path, builder: EnvironmentBuilder) -> None:

@@ -12,7 +12,7 @@ def test_exported_members() -> None:
     exported = {name for name in dir(clearway.runtime) if not name.startswith("_")}
     modules = {
         "cgroups", "clock", "exit_codes", "functions", "interface", "launcher", "logs",
-        "probes", "process", "restarts", "isolation", "logwriter", "replica", "spec", "status", "supervisor", "annotations", "forking", "warmparent", "warmprotocol", "coordinated",
+        "probes", "process", "restarts", "isolation", "logwriter", "replica", "spec", "status", "supervisor", "annotations", "forking", "warmparent", "warmprotocol", "coordinated", "servers",
     }  # fmt: skip
     assert exported - modules == set(clearway.runtime.__all__)
     for name in set(clearway.runtime.__all__) - {"StatusCallback", "Credentials"}:  # type aliases

@@ -81,8 +81,8 @@ async def test_stop_lets_an_in_flight_request_finish(
         stopping = asyncio.create_task(supervisor.stop(spec.replica_id), name="stop")
         await supervisor.wait_for(spec.replica_id, ReplicaState.STOPPING, within=5)
         await poll_until(
-            lambda: "Waiting for connections to close" in file_text(spec.log_path),
-            what="uvicorn started draining",
+            lambda: "draining in-flight requests" in file_text(spec.log_path),
+            what="the server started draining",
         )
         assert not stopping.done()
         (spec.workdir / "release").write_text("")

@@ -8,6 +8,14 @@ An app declares its dependencies the standard ways, read in this order:
 * ``requirements.txt``;
 * none of them: an environment with only what the replica runtime needs.
 
+Every environment also gets granian (`SERVER_REQUIREMENTS`), the faster HTTP
+server that services run on under ``server="auto"`` (`clearway.runtime.servers`),
+when the app's requirements allow it. When they do not (an app pinning an old
+granian, or a package granian needs), the environment is resolved without it
+and the build's log says so in one line, with uv's reason: those services run
+on uvicorn, which is always there. A service that asks for ``server="granian"``
+then fails the deploy, once its spec is read (`check_servers`).
+
 Whatever the source, the app's requirements are resolved *together with*
 `REPLICA_REQUIREMENTS`, what ``python -m clearway.runtime.replica`` (and the
 spec-reading child) import inside the app's environment. One resolution means
@@ -75,14 +83,19 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.exceptions import APIError
+from clearway.runtime.servers import GRANIAN_REQUIREMENT
+from clearway.spec.model import AppSpec
 
 __all__ = [
     "REPLICA_REQUIREMENTS",
+    "SERVER_REQUIREMENTS",
     "BuiltEnvironment",
     "Dependencies",
     "EnvironmentBuilder",
+    "check_servers",
     "env_digest",
     "find_uv",
+    "has_granian",
     "input_digest",
     "normalise_pins",
     "read_dependencies",
@@ -103,6 +116,9 @@ REPLICA_REQUIREMENTS: tuple[str, ...] = (
     "a2wsgi>=1.10",
     "cloudevents>=2.2",
 )
+
+#: Added to REPLICA_REQUIREMENTS when the app's requirements allow it (see the module docstring).
+SERVER_REQUIREMENTS: tuple[str, ...] = (GRANIAN_REQUIREMENT,)
 
 #: The version of the interpreter the platform runs on ("3.11.7").
 PLATFORM_PYTHON_VERSION = ".".join(str(part) for part in sys.version_info[:3])
@@ -194,7 +210,7 @@ def input_digest(deps: Dependencies, python_version: str, extra: tuple[str, ...]
     (and the ``extra`` requirements a build adds, such as the test gate's pytest)."""
     h = hashlib.sha256()
     h.update(f"clearway-env-inputs/1\0{deps.source}\0{python_version}\0".encode())
-    for requirement in REPLICA_REQUIREMENTS:
+    for requirement in (*REPLICA_REQUIREMENTS, *SERVER_REQUIREMENTS):
         h.update(requirement.encode() + b"\0")
     if extra:
         h.update(b"extra\0" + "\0".join(extra).encode() + b"\0")
@@ -236,6 +252,50 @@ class BuiltEnvironment:
     """True when an unchanged dependency set found its environment: no resolver ran."""
     log: str
     """What happened, in a few lines (and uv's output when something was built)."""
+    granian: bool = True
+    """Whether `SERVER_REQUIREMENTS` are in it (else its services run on uvicorn)."""
+    without_granian: str = ""
+    """Why granian is not in it: uv's explanation (empty when it is)."""
+
+
+def has_granian(pins: list[str]) -> bool:
+    """Whether the pinned set holds a granian the replica runtime drives."""
+    from packaging.requirements import Requirement
+
+    wanted = Requirement(GRANIAN_REQUIREMENT)
+    for pin in pins:
+        name, sep, version = pin.partition("==")
+        if sep and name == "granian":
+            return wanted.specifier.contains(version, prereleases=True)
+    return False
+
+
+def _fallback_line(reason: str) -> str:
+    because = next((line.strip() for line in reason.splitlines() if "ecause" in line), "")
+    short = (because or reason.strip().splitlines()[-1] if reason.strip() else "").strip()
+    if len(short) > 240:
+        short = short[:237] + "..."
+    return (
+        f"granian is not in this environment: the app's dependencies exclude {GRANIAN_REQUIREMENT}"
+        + (f" ({short})" if short else "")
+        + "; services with server='auto' run on uvicorn"
+    )
+
+
+def check_servers(spec: AppSpec, environment: BuiltEnvironment) -> None:
+    """Fail a deploy whose services ask for granian when its environment could not get it."""
+    if environment.granian:
+        return
+    asking = [c.name for c in spec.listeners if c.server == "granian"]
+    if asking:
+        names = ", ".join(repr(name) for name in asking)
+        raise APIError(
+            422,
+            f"{names} ask{'s' if len(asking) == 1 else ''} for server='granian', but granian cannot "
+            f"be installed beside this app's dependencies ({GRANIAN_REQUIREMENT} conflicts with them): "
+            "relax the pins uv names below, or use server='auto' (uvicorn when granian cannot be had)",
+            details=environment.without_granian or None,
+        )
 
 
 @dataclass(frozen=True)
@@ -386,13 +446,19 @@ class EnvironmentBuilder:
             path = self.path_of(digest)
             if (path / MANIFEST).is_file():
                 await asyncio.to_thread(_link_runtime, path)
+                manifest = json.loads((path / MANIFEST).read_text())
+                granian = has_granian(list(manifest.get("pins", [])))
+                without = "" if granian else str(manifest.get("without_granian", ""))
+                log = f"environment {digest[:19]} reused: dependencies unchanged ({deps.source}), no resolver run"
                 return BuiltEnvironment(
                     digest,
                     path,
                     path / "bin" / "python",
                     interpreter.version,
                     reused=True,
-                    log=f"environment {digest[:19]} reused: dependencies unchanged ({deps.source}), no resolver run",
+                    log=log if granian else f"{log}\n{_fallback_line(without)}",
+                    granian=granian,
+                    without_granian=without,
                 )
         try:
             return await self._resolve_and_build(deps, project, interpreter, known, label, extra)
@@ -412,7 +478,7 @@ class EnvironmentBuilder:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="resolve-", dir=self.staging) as scratch_name:
             scratch = Path(scratch_name)
-            pins, compile_log = await self._resolve(deps, project, interpreter, scratch, extra)
+            pins, compile_log, without = await self._resolve(deps, project, interpreter, scratch, extra)
             digest = "sha256:" + env_digest(pins, interpreter.version)
             compiled = scratch / "pinned.txt"
             compiled.write_text("\n".join(pins) + "\n")
@@ -421,15 +487,21 @@ class EnvironmentBuilder:
             build_log = ""
             async with _digest_lock(self.locks / f"{path.name}.lock"):
                 if not (path / MANIFEST).is_file():
-                    build_log = await self._build(path, compiled, interpreter, deps, scratch, pins)
+                    build_log = await self._build(path, compiled, interpreter, deps, scratch, pins, without)
                     built = True
             await asyncio.to_thread(_link_runtime, path)
         _write_atomic(known, digest + "\n")
         took = time.monotonic() - started
         how = f"built in {took:.1f}s" if built else f"resolved in {took:.1f}s to an existing environment"
         log = f"environment {digest[:19]} {how} ({deps.source}, Python {interpreter.version})"
-        self._write_log(label, "\n".join([log, compile_log, build_log]))
-        return BuiltEnvironment(digest, path, path / "bin" / "python", interpreter.version, reused=False, log=log)
+        granian = has_granian(pins)
+        if not granian:
+            log += "\n" + _fallback_line(without)
+        self._write_log(label, "\n".join([log, compile_log, without, build_log]))
+        return BuiltEnvironment(
+            digest, path, path / "bin" / "python", interpreter.version, reused=False, log=log,
+            granian=granian, without_granian=without,
+        )  # fmt: skip
 
     def _write_log(self, label: str, text: str) -> None:
         with contextlib.suppress(OSError):
@@ -437,8 +509,9 @@ class EnvironmentBuilder:
 
     async def _resolve(
         self, deps: Dependencies, project: Path, interpreter: _Interpreter, scratch: Path, extra: tuple[str, ...] = ()
-    ) -> tuple[list[str], str]:
-        """The pinned set of the app's requirements plus clearway's, or a 422 saying why not."""
+    ) -> tuple[list[str], str, str]:
+        """The pinned set of the app's requirements plus clearway's, uv's output, and why
+        granian is not in it (empty when it is); or a 422 saying why there is no set."""
         app_in = scratch / "app.in"
         if deps.source == "uv.lock":
             for name, data in deps.files.items():
@@ -463,14 +536,22 @@ class EnvironmentBuilder:
             app_in.write_text("")
         runtime_in = scratch / "clearway-runtime.in"
         runtime_in.write_text("\n".join((*REPLICA_REQUIREMENTS, *extra)) + "\n")
+        server_in = scratch / "clearway-server.in"
+        server_in.write_text("\n".join(SERVER_REQUIREMENTS) + "\n")
         out_file = scratch / "compiled.txt"
         common = [
             "--python", interpreter.path, "--no-build", "--no-config", "--no-header",
             "--no-annotate", "--quiet",
         ]  # fmt: skip
+        code, with_server = await self._uv(
+            "pip", "compile", str(app_in), str(runtime_in), str(server_in), *common, "-o", str(out_file), cwd=scratch
+        )
+        if code == 0:
+            return normalise_pins(out_file.read_text()), with_server, ""
+        # Without the server: services then run on uvicorn (see the module docstring).
         code, out = await self._uv("pip", "compile", str(app_in), str(runtime_in), *common, "-o", str(out_file), cwd=scratch)
         if code == 0:
-            return normalise_pins(out_file.read_text()), out
+            return normalise_pins(out_file.read_text()), out, with_server.strip()
         # Is it the app's own set, or its clash with clearway's? One more resolve, on failure only.
         alone, _ = await self._uv("pip", "compile", str(app_in), *common, "-o", str(scratch / "alone.txt"), cwd=scratch)
         if alone == 0 and deps.source != "none":
@@ -495,6 +576,7 @@ class EnvironmentBuilder:
         deps: Dependencies,
         scratch: Path,
         pins: list[str],
+        without_granian: str = "",
     ) -> str:
         staging = Path(tempfile.mkdtemp(prefix="env-", dir=self.staging))
         try:
@@ -521,6 +603,7 @@ class EnvironmentBuilder:
                 "python": interpreter.version,
                 "interpreter": interpreter.path,
                 "pins": pins,
+                "without_granian": without_granian,
                 "built_at": time.time(),
             }
             (venv / MANIFEST).write_text(json.dumps(manifest, indent=2))

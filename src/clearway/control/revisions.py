@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clearway.control.environments import BuiltEnvironment, EnvironmentBuilder
+from clearway.control.environments import BuiltEnvironment, EnvironmentBuilder, check_servers
 from clearway.control.faults import StorageFull, is_disk_full
 from clearway.control.store import DEFAULT_UID_BASE, Revision, Store
 from clearway.control.uploads import DIR_MODE, UploadLimits, unpack
@@ -167,6 +167,7 @@ class RevisionBuilder:
                 spec = await self._inspect(staging, app_file, python=str(environment.python))
                 if "/" in spec.name or spec.name.startswith("."):
                     raise APIError(422, f"app name {spec.name!r} cannot name a directory")
+                check_servers(spec, environment)
                 if check is not None:
                     await check(staging, environment, spec)
                 uid = self.store.allocate_uid(spec.name)

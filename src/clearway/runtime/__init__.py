@@ -29,6 +29,7 @@ Modules, one concept each::
     logs          tail, follow and read across rotation; copytruncate for platform logs
     clock         injected time
     interface     ASGI/WSGI detection
+    servers       the HTTP server a replica runs (granian or uvicorn) and what ``auto`` means
     functions     the function server: function_app, the ASGI app of a function replica
     exit_codes    what a replica's exit code means
     coordinated   singletons and sharded workers: who may act, resigning, standing by

@@ -5,16 +5,16 @@ This is what runs inside every replica. It reads its `ReplicaSpec` from the
 code snapshot and runs one component:
 
 * a **service** function is called once to get the web app, which is served
-  with uvicorn (uvloop, httptools, lifespan ``auto``, no access log) on the
+  by the server `clearway.runtime.servers` chooses (``server=`` in the spec;
+  ``auto``: granian when the app's environment has it, else uvicorn) on the
   listening unix socket the supervisor created and passed as fd 3. Creating
   the socket in the supervisor means its path is known before the process
   starts, only the platform's user can connect to it (the replica cannot even
-  see the file), and it survives restarts. The socket is handed to
-  ``uvicorn.Server.run(sockets=...)``.
-  On SIGTERM uvicorn stops accepting, lets in-flight requests finish for most
+  see the file), and it survives restarts.
+  On SIGTERM the server stops accepting, lets in-flight requests finish for most
   of the grace period, runs the app's lifespan shutdown and exits 0. A sharded
   service (``shards=N``) also owns its share of the shards, in a thread beside
-  uvicorn (`clearway.sdk.sharding.ShardOwnership`), and leaves them on SIGTERM.
+  the server (`clearway.sdk.sharding.ShardOwnership`), and leaves them on SIGTERM.
 * a **function** is served the same way, with the web app built by
   `clearway.runtime.functions.function_app` from the function and its
   ``FunctionSpec`` (found in the loaded app by the component's name).
@@ -42,7 +42,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -53,13 +52,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import uvicorn
-
 from clearway.exceptions import AppLoadError, SpecError
 from clearway.runtime.coordinated import lead, run_sharded
 from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.functions import function_app
-from clearway.runtime.interface import BadAppObject, as_asgi
+from clearway.runtime.interface import BadAppObject
+from clearway.runtime.servers import ServerUnavailable, choose, prepare
 from clearway.runtime.spec import (
     LISTEN_FD_ENV_VAR,
     SPEC_ENV_VAR,
@@ -69,7 +67,7 @@ from clearway.runtime.spec import (
 )
 from clearway.sdk.loader import load_app
 from clearway.sdk.sharding import ShardedWorker, ShardOwnership
-from clearway.spec.model import FunctionSpec, ServiceSpec, WorkerSpec
+from clearway.spec.model import FunctionSpec, Server, ServiceSpec, WorkerSpec
 
 __all__ = ["TokenRenewer", "main", "token_lifetime"]
 
@@ -127,20 +125,29 @@ def main() -> int:
                 spec.component, shards=component.spec.shards, ttl=component.spec.lease_ttl,
                 replica=spec.replica_id, say=_say,
             )  # fmt: skip
+        requested = component.spec.server if isinstance(component.spec, ServiceSpec) else "auto"
         return _serve(
-            component.target, interface=spec.interface, grace=spec.grace_period, listen_fd=listen_fd, shards=shards
-        )
+            component.target, interface=spec.interface, server=requested, grace=spec.grace_period,
+            listen_fd=listen_fd, shards=shards,
+        )  # fmt: skip
     if spec.kind == "function":
         if not isinstance(component.spec, FunctionSpec):
             _say(f"component {spec.component!r} is a {component.spec.kind}, not a function")
             return ExitCode.BAD_COMPONENT
         try:
-            asgi = function_app(component.target, component.spec)
+            server = choose(component.spec.server, kind="function")
+            prepared = prepare(
+                function_app(component.target, component.spec), server=server, interface="asgi",
+                grace=spec.grace_period,
+            )  # fmt: skip
+        except ServerUnavailable as error:
+            _say(str(error))
+            return ExitCode.SERVER_START
         except Exception:
             _say(f"cannot serve function {spec.component!r}:")
             traceback.print_exc()
             return ExitCode.APP_LOAD
-        return _run_server(asgi, grace=spec.grace_period, listen_fd=int(os.environ[LISTEN_FD_ENV_VAR]))
+        return prepared.serve(int(os.environ[LISTEN_FD_ENV_VAR]))
     if isinstance(component.spec, WorkerSpec) and component.spec.singleton:
         return lead(component.target, spec.component, ttl=component.spec.lease_ttl)
     if isinstance(component.spec, WorkerSpec) and component.spec.shards:
@@ -153,8 +160,19 @@ def main() -> int:
 
 
 def _serve(
-    target: Callable[[], Any], *, interface: Interface, grace: float, listen_fd: int, shards: ShardOwnership | None = None
+    target: Callable[[], Any],
+    *,
+    interface: Interface,
+    server: Server,
+    grace: float,
+    listen_fd: int,
+    shards: ShardOwnership | None = None,
 ) -> int:
+    try:
+        chosen = choose(server, kind="service")
+    except ServerUnavailable as error:
+        _say(str(error))
+        return ExitCode.SERVER_START
     try:
         returned = target()
     except Exception:
@@ -162,74 +180,21 @@ def _serve(
         traceback.print_exc()
         return ExitCode.APP_LOAD
     try:
-        asgi = as_asgi(returned, interface)
+        prepared = prepare(returned, server=chosen, interface=interface, grace=grace)
     except BadAppObject as error:
         _say(str(error))
         return ExitCode.BAD_COMPONENT
     if shards is None:
-        return _run_server(asgi, grace=grace, listen_fd=listen_fd)
+        return prepared.serve(listen_fd)
     # A sharded service: own shards beside the server, and leave them the moment SIGTERM
     # arrives (the gateway already sends this replica nothing), not after the drain.
     shards.start()
     try:
-        return serve(server_config(asgi, grace=grace), listen_fd=listen_fd, on_exit=shards.leave)
+        return prepared.serve(listen_fd, on_exit=shards.leave)
     finally:
         shards.leave()
         if not shards.join(SHARD_LEAVE_TIMEOUT):
             _say(f"still leaving the shards after {SHARD_LEAVE_TIMEOUT:g}s; their lease expires on its own")
-
-
-def _run_server(asgi: Any, *, grace: float, listen_fd: int) -> int:
-    """Serve ``asgi`` with uvicorn on the inherited listening socket until SIGTERM."""
-    return serve(server_config(asgi, grace=grace), listen_fd=listen_fd)
-
-
-def server_config(asgi: Any, *, grace: float) -> uvicorn.Config:
-    """The uvicorn configuration of a replica, loaded: every module it needs is imported.
-
-    A warm parent (`clearway.runtime.warmparent`) builds it once, before it
-    forks, so that a forked replica imports nothing on its way to serving."""
-    config = uvicorn.Config(
-        asgi,
-        loop="uvloop",
-        http="httptools",
-        lifespan="auto",
-        interface="asgi3",
-        access_log=False,
-        use_colors=False,
-        # Leave the app time for its lifespan shutdown before the supervisor's SIGKILL.
-        # (uvicorn annotates this as int, but passes it straight to asyncio.wait_for.)
-        timeout_graceful_shutdown=max(grace * 0.5, grace - 1.0),  # type: ignore[arg-type]
-    )
-    config.load()
-    return config
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, calling ``on_exit`` the moment it is asked to stop (SIGTERM, SIGINT)."""
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_exit()
-        super().handle_exit(sig, frame)
-
-
-def serve(config: uvicorn.Config, *, listen_fd: int, on_exit: Callable[[], None] | None = None) -> int:
-    """Run uvicorn with ``config`` on the listening socket ``listen_fd`` until SIGTERM
-    (``on_exit`` is called as it arrives)."""
-    # socket(fileno=...) detects the family (AF_UNIX) from the fd itself.
-    sock = socket.socket(fileno=listen_fd)
-    server = uvicorn.Server(config) if on_exit is None else _Server(config, on_exit)
-    _say(f"serving on unix:{sock.getsockname()}")
-    # uvicorn handles SIGTERM while serving, then re-raises it to our handler: exit 0.
-    server.run(sockets=[sock])
-    if not server.started:
-        _say("the server did not start (see the errors above)")
-        return ExitCode.SERVER_START
-    return ExitCode.OK
 
 
 def _work(target: Callable[[], Any]) -> int:

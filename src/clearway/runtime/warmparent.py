@@ -8,9 +8,10 @@ So for every function of every running revision the fork launcher
 replica of that function gets (bubblewrap, the app's uid, the revision's code
 and environment), and this process:
 
-1. imports the app and builds the function's ASGI app and uvicorn
-   configuration (`clearway.runtime.replica.server_config`): whatever a
-   replica would import on its way to serving is imported here, once;
+1. imports the app and builds the function's ASGI app and its server
+   (`clearway.runtime.servers.prepare`, uvicorn unless the function asks for
+   granian): whatever a replica would import on its way to serving is
+   imported here, once;
 2. refuses to serve as a parent when importing the app left threads running
    (a fork copies only the calling thread: a lock another thread held stays
    held forever in the child), and says so; the launcher then spawns;
@@ -29,7 +30,7 @@ environment (identity, credential) in place of the parent's; ``random``
 reseeded (CPython reseeds it at fork too; numpy and others that keep their
 own generators are the app's business); its own working directory; the token
 renewal thread started anew (threads do not survive a fork); a new event loop
-(the parent never creates one: uvicorn makes its own in the child).
+(the parent never creates one: the server makes its own in the child).
 
 Then it says ``hello`` on its report socket. The kernel attaches the child's
 credentials to that message, translated into the launcher's pid namespace:
@@ -78,7 +79,8 @@ from typing import Any
 from clearway.exceptions import AppLoadError, SpecError
 from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.functions import function_app
-from clearway.runtime.replica import TokenRenewer, serve, server_config
+from clearway.runtime.replica import TokenRenewer
+from clearway.runtime.servers import PreparedServer, ServerUnavailable, choose, prepare
 from clearway.runtime.spec import LISTEN_FD_ENV_VAR, SPEC_ENV_VAR, ReplicaSpec
 from clearway.runtime.warmprotocol import CONTROL_FD, MAX_MESSAGE
 from clearway.sdk.loader import load_app
@@ -117,7 +119,7 @@ def main() -> int:
     sys.path.insert(0, str(spec.code_dir))
     _say(f"{spec.replica_id} (pid {os.getpid()}) loading {spec.app_file}")
     try:
-        config = _prepare(spec)
+        server = _prepare(spec)
     except _Refusal as refusal:
         _say(str(refusal))
         _send(control, {"error": str(refusal)})
@@ -127,7 +129,7 @@ def main() -> int:
     gc.freeze()
     _say("ready to fork replicas")
     _send(control, {"ready": True})
-    return _Parent(spec, config, control).run()
+    return _Parent(spec, server, control).run()
 
 
 class _Refusal(Exception):
@@ -136,8 +138,8 @@ class _Refusal(Exception):
         self.code = code
 
 
-def _prepare(spec: ReplicaSpec) -> Any:
-    """Import the app and everything serving it needs; the loaded uvicorn config."""
+def _prepare(spec: ReplicaSpec) -> PreparedServer:
+    """Import the app and everything serving it needs; the prepared server."""
     try:
         app = load_app(spec.code_dir / spec.app_file)
     except AppLoadError as error:
@@ -150,8 +152,14 @@ def _prepare(spec: ReplicaSpec) -> Any:
     if component is None or not isinstance(component.spec, FunctionSpec):
         raise _Refusal(f"the app defines no function named {spec.component!r}", ExitCode.BAD_COMPONENT)
     try:
-        config = server_config(function_app(component.target, component.spec), grace=spec.grace_period)
-        config.get_loop_factory()  # imports uvloop; creates no loop
+        server = prepare(
+            function_app(component.target, component.spec),
+            server=choose(component.spec.server, kind="function"),
+            interface="asgi",
+            grace=spec.grace_period,
+        )
+    except ServerUnavailable as error:
+        raise _Refusal(str(error), ExitCode.SERVER_START) from None
     except Exception:
         traceback.print_exc()
         raise _Refusal(f"cannot serve function {spec.component!r}", ExitCode.APP_LOAD) from None
@@ -163,15 +171,15 @@ def _prepare(spec: ReplicaSpec) -> Any:
             "fresh instead. Start threads when the function is first called, not at import.",
             ExitCode.APP_LOAD,
         )
-    return config
+    return server
 
 
 class _Parent:
     """The fork loop: fork requests on the control socket, SIGCHLD on a wakeup pipe."""
 
-    def __init__(self, spec: ReplicaSpec, config: Any, control: socket.socket) -> None:
+    def __init__(self, spec: ReplicaSpec, server: PreparedServer, control: socket.socket) -> None:
         self.spec = spec
-        self.config = config
+        self.server = server
         self.control: socket.socket | None = control
         #: Live children by pid (in our namespace), each with its report socket.
         self.children: dict[int, socket.socket] = {}
@@ -316,7 +324,7 @@ class _Parent:
         os.chdir(spec.workdir)
         _say(f"replica {spec.replica_id} (pid {os.getpid()}) forked from the warm parent")
         TokenRenewer.from_environment()
-        return serve(self.config, listen_fd=_LISTEN_FD)
+        return self.server.serve(_LISTEN_FD)
 
     def _reap(self) -> None:
         while self.children:

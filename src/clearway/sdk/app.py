@@ -28,6 +28,7 @@ from clearway.spec.model import (
     FunctionSpec,
     Interface,
     ScheduleSpec,
+    Server,
     ServiceSpec,
     SmokeCheck,
     SourceLocation,
@@ -114,6 +115,7 @@ class App:
         path: str = "/",
         health: str | None = None,
         interface: Interface = "auto",
+        server: Server = "auto",
         env: Mapping[str, str] | None = None,
         memory_mb: int | None = None,
         cpu: float | None = None,
@@ -140,6 +142,9 @@ class App:
         owner), and ``affinity="header:x-customer"`` (or ``"path:<n>"``, the n-th path
         segment after ``path``) has the gateway send a request to the replica owning
         its key's shard, whenever that replica is ready (any replica otherwise).
+
+        ``server`` picks the HTTP server of its replicas: ``"auto"`` (granian when the
+        app's environment could get it, else uvicorn), ``"granian"`` or ``"uvicorn"``.
         """
         location = _caller(1)
 
@@ -154,6 +159,7 @@ class App:
                 path=path,
                 health=health,
                 interface=interface,
+                server=server,
                 env=dict(env or {}),
                 resources={"memory_mb": memory_mb, "cpu": cpu},
                 sandbox=sandbox,
@@ -287,6 +293,7 @@ class App:
         startup_timeout: float = 60.0,
         grace_period: float = 10.0,
         name: str | None = None,
+        server: Server = "auto",
     ) -> Callable[[Callable[P, R]], Function[P, R]]:
         """Declare a function: called per HTTP request, CloudEvent or schedule, and
         run on as many replicas as its load needs.
@@ -300,6 +307,7 @@ class App:
         ``min_replicas`` (0: none when idle for ``idle_timeout`` seconds) and
         ``max_replicas``, aiming at ``max_concurrency`` requests in flight per
         replica. ``retries`` is for durable invocations (spawned, events, schedules).
+        ``server`` is the HTTP server of its replicas, as for services.
         """
         location = _caller(1)
         where = str(location) if location else None
@@ -330,6 +338,7 @@ class App:
                 grace_period=grace_period,
                 startup_timeout=startup_timeout,
                 allow=list(allow),
+                server=server,
             )
             assert isinstance(spec, FunctionSpec)
             return Function(func, spec, app=self.name)

@@ -28,6 +28,9 @@ from clearway.spec.ids import check_env_name, check_name
 API_VERSION: Literal["clearway.dev/v1"] = "clearway.dev/v1"
 
 Interface = Literal["auto", "asgi", "wsgi"]
+#: Which HTTP server runs a replica's app (`clearway.runtime.servers`): ``auto`` picks
+#: granian when the app's environment has it, else uvicorn.
+Server = Literal["auto", "uvicorn", "granian"]
 
 #: ``"app"`` or ``"app.component"``: who may call a service (see ``ServiceSpec.allow``).
 _CALLER = re.compile(r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?(?:\.(?:[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?|\*))?")
@@ -135,6 +138,9 @@ class ServiceSpec(_Component):
     path: str = "/"
     health: str | None = None
     interface: Interface = "auto"
+    server: Server = "auto"
+    """The HTTP server its replicas run: ``"granian"``, ``"uvicorn"`` or ``"auto"``
+    (granian when it could be installed beside the app's dependencies, else uvicorn)."""
     timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     allow: list[str] = Field(default_factory=list)
@@ -325,6 +331,9 @@ class FunctionSpec(_Component):
     startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     allow: list[str] = Field(default_factory=list)
     """Who else may call it through its internal URL, as ``ServiceSpec.allow``."""
+    server: Server = "auto"
+    """The HTTP server its replicas run, as ``ServiceSpec.server`` (``"auto"`` is uvicorn for
+    functions: see `clearway.runtime.servers`)."""
 
     @field_validator("allow")
     @classmethod
