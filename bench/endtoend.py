@@ -15,7 +15,8 @@ The clearway side is a real platform: ``clearway up --detach`` in a temporary
 ``--home`` on a free port, then ``clearway deploy`` of a generated app
 (``replicas=R``, ``public=True``) whose service function returns the hello app;
 wrk drives it through the platform's gateway with ``Host: <app>.localhost``.
-The baseline is nginx with ``worker_processes 1`` (the gateway is one process),
+The baseline is nginx with as many worker processes as the gateway has
+(``--proxy-workers``, default: the number of cores, the gateway's default),
 an upstream ``keepalive`` pool, no access log (the platform's gateway keeps
 one, buffered; ``--nginx-access-log`` gives nginx a buffered one too) and the
 request headers the gateway adds (``X-Request-ID``, ``X-Forwarded-*``), in front
@@ -229,7 +230,7 @@ def app_servers(name: str, tmp: Path, replicas: int) -> tuple[list[list[str]], l
 
 @contextlib.contextmanager
 def baseline(
-    name: str, tmp: Path, replicas: int, access_log: bool
+    name: str, tmp: Path, replicas: int, access_log: bool, workers: int = 1
 ) -> Iterator[tuple[int, CpuProbe]]:
     """nginx in front of the app's own servers: (nginx's port, the CPU probe)."""
     base = tmp / f"baseline-{name}"
@@ -249,7 +250,7 @@ def baseline(
     server = f"listen 127.0.0.1:{port} backlog=4096;" + NGINX_LOCATION.format(access_log=log)
     with (
         processes(commands) as servers,
-        nginx(base, "nginx", server, upstream) as proxy,
+        nginx(base, "nginx", server, upstream, workers=workers) as proxy,
     ):
         for path in sockets:
             wait_for_unix_socket(path)
@@ -266,12 +267,12 @@ def baseline(
 
 
 @contextlib.contextmanager
-def platform(tmp: Path) -> Iterator[tuple[Path, int]]:
+def platform(tmp: Path, workers: int = 1) -> Iterator[tuple[Path, int]]:
     """A real clearway platform: (its home, the gateway's port); brought down whatever happens."""
     home = tmp / "home"
     port = free_port()
     try:
-        clearway(home, "up", "--detach", "--port", str(port), timeout=120)
+        clearway(home, "up", "--detach", "--port", str(port), "--gateway-workers", str(workers), timeout=120)
         yield home, port
     finally:
         try:
@@ -402,6 +403,12 @@ def main() -> int:
     )
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="gateway workers and nginx worker processes (default: the number of cores)",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=3, help="alternating runs per variant (default 3)"
     )
     parser.add_argument(
@@ -431,14 +438,14 @@ def main() -> int:
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="cw-endtoend-") as tmpdir:
         tmp = Path(tmpdir)
-        with platform(tmp) as (home, port):
+        with platform(tmp, args.proxy_workers) as (home, port):
             print(f"clearway up on port {port} (home {home})", flush=True)
             for name in names:
                 bench = BENCHMARKS[name]
                 host, clearway_cpu = deploy(home, tmp, name, args.replicas, args.server)
                 wait_until_serving(port, host)
                 print(f"deployed bench-{name} ({args.replicas} replicas)", flush=True)
-                with baseline(name, tmp, args.replicas, args.nginx_access_log) as (
+                with baseline(name, tmp, args.replicas, args.nginx_access_log, args.proxy_workers) as (
                     nginx_port,
                     nginx_cpu,
                 ):
