@@ -472,7 +472,7 @@ def main() -> int:
     print(
         f"wrk -t1 -c{args.connections} -d{args.duration:g}s, median of {args.repeats} alternating runs"
         f" (all in brackets); {args.replicas} replica processes per side; clearway's server: {server};"
-        f" nginx: 1 worker, upstream keepalive, {'buffered' if args.nginx_access_log else 'no'} access log"
+        f" nginx: {args.proxy_workers} worker(s) and as many gateway workers, upstream keepalive, {'buffered' if args.nginx_access_log else 'no'} access log"
     )
     print(
         "CPU per request: proxy = gateway / nginx; app = replicas (with bwrap) / uvicorn, gunicorn;"

@@ -159,7 +159,7 @@ async def test_granian_is_in_every_environment_its_pins_allow_and_serves_under_a
 ) -> None:
     built = await builder.ensure(project(tmp_path / "a", "cwdemo==1.0\n"))
     assert built.granian and "granian" not in built.log
-    check = "from clearway.runtime.servers import choose; print(choose('auto', kind='service'))"
+    check = "from clearway.runtime.servers import choose; print(choose('auto', kind='service', interface='wsgi'))"
     assert (await asyncio.to_thread(run_in, built.python, check)).stdout.strip() == "granian"
 
 
@@ -172,9 +172,9 @@ async def test_pins_that_exclude_granian_fall_back_to_uvicorn_and_say_so(
     assert not built.granian
     line = built.log.splitlines()[-1]
     assert line.startswith("granian is not in this environment: the app's dependencies exclude granian>=2.8,<2.9")
-    assert line.endswith("services with server='auto' run on uvicorn")
+    assert line.endswith("WSGI services with server='auto' run on uvicorn (through a2wsgi)")
     assert "granian" in built.without_granian  # uv's own explanation, kept for the error below
-    check = "from clearway.runtime.servers import choose; print(choose('auto', kind='service'))"
+    check = "from clearway.runtime.servers import choose; print(choose('auto', kind='service', interface='wsgi'))"
     assert (await asyncio.to_thread(run_in, built.python, check)).stdout.strip() == "uvicorn"
     # Reused: the same line, from the environment's manifest.
     again = await builder.ensure(project(tmp_path / "b", "granian==1.0\n"))

@@ -248,14 +248,17 @@ async def test_wsgi_streams_both_ways_and_drains(
     assert stopped.last_exit_code == 0
 
 
-async def test_auto_serves_services_with_granian_and_functions_with_uvicorn(
+async def test_auto_serves_wsgi_services_with_granian_and_asgi_ones_with_uvicorn(
     supervisor: Supervisor, make_spec: SpecFactory
 ) -> None:
-    spec = make_spec(ASGI_APP.format(server="auto"))
-    await supervisor.start(spec)
-    await supervisor.wait_for(spec.replica_id, ReplicaState.READY, within=20)
-    await poll_until(lambda: "serving with granian" in _log(spec.log_path), what="granian named")
-    assert choose("auto", kind="function") == "uvicorn"
+    wsgi = make_spec(WSGI_APP.format(server="auto"))
+    asgi = make_spec(ASGI_APP.format(server="auto"))
+    for spec in (wsgi, asgi):
+        await supervisor.start(spec)
+        await supervisor.wait_for(spec.replica_id, ReplicaState.READY, within=20)
+    await poll_until(lambda: "serving with granian (WSGI)" in _log(wsgi.log_path), what="granian for WSGI")
+    await poll_until(lambda: "serving with uvicorn" in _log(asgi.log_path), what="uvicorn for ASGI")
+    assert choose("auto", kind="function", interface="wsgi") == "uvicorn"
 
 
 async def test_a_failed_lifespan_startup_is_a_server_start_failure(
@@ -278,6 +281,6 @@ def test_granian_asked_for_where_it_is_not_installed_says_what_to_do(monkeypatch
     from clearway.runtime import servers
 
     monkeypatch.setattr(servers, "granian_installed", lambda: False)
-    assert servers.choose("auto", kind="service") == "uvicorn"
+    assert servers.choose("auto", kind="service", interface="wsgi") == "uvicorn"
     with pytest.raises(servers.ServerUnavailable, match="relax those pins, or use server='auto'"):
         servers.choose("granian", kind="service")

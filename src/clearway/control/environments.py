@@ -253,7 +253,7 @@ class BuiltEnvironment:
     log: str
     """What happened, in a few lines (and uv's output when something was built)."""
     granian: bool = True
-    """Whether `SERVER_REQUIREMENTS` are in it (else its services run on uvicorn)."""
+    """Whether `SERVER_REQUIREMENTS` are in it (else its WSGI services run on uvicorn)."""
     without_granian: str = ""
     """Why granian is not in it: uv's explanation (empty when it is)."""
 
@@ -278,7 +278,7 @@ def _fallback_line(reason: str) -> str:
     return (
         f"granian is not in this environment: the app's dependencies exclude {GRANIAN_REQUIREMENT}"
         + (f" ({short})" if short else "")
-        + "; services with server='auto' run on uvicorn"
+        + "; WSGI services with server='auto' run on uvicorn (through a2wsgi)"
     )
 
 

@@ -91,15 +91,19 @@ class AdminServer:
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
 
     async def close(self) -> None:
+        """Stop accepting, answer the waiting ``/holds`` at once, let every answer finish (2 s at most)."""
         self._closing = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # no new connection from here on
         for poll in self._polls:
             poll.cancel()
         if self._handlers:
-            await asyncio.wait(self._handlers, timeout=2.0)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+            await asyncio.wait(set(self._handlers), timeout=2.0)
+        for handler in set(self._handlers):
+            handler.cancel()  # stuck (a client that never sent its request): not worth waiting for
+        if server is not None:
+            await server.wait_closed()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 

@@ -6,7 +6,7 @@ code snapshot and runs one component:
 
 * a **service** function is called once to get the web app, which is served
   by the server `clearway.runtime.servers` chooses (``server=`` in the spec;
-  ``auto``: granian when the app's environment has it, else uvicorn) on the
+  ``auto``: granian for a WSGI app when its environment has it, else uvicorn) on the
   listening unix socket the supervisor created and passed as fd 3. Creating
   the socket in the supervisor means its path is known before the process
   starts, only the platform's user can connect to it (the replica cannot even
@@ -56,7 +56,7 @@ from clearway.exceptions import AppLoadError, SpecError
 from clearway.runtime.coordinated import lead, run_sharded
 from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.functions import function_app
-from clearway.runtime.interface import BadAppObject
+from clearway.runtime.interface import BadAppObject, detect_interface
 from clearway.runtime.servers import ServerUnavailable, choose, prepare
 from clearway.runtime.spec import (
     LISTEN_FD_ENV_VAR,
@@ -169,21 +169,21 @@ def _serve(
     shards: ShardOwnership | None = None,
 ) -> int:
     try:
-        chosen = choose(server, kind="service")
-    except ServerUnavailable as error:
-        _say(str(error))
-        return ExitCode.SERVER_START
-    try:
         returned = target()
     except Exception:
         _say("the service function raised:")
         traceback.print_exc()
         return ExitCode.APP_LOAD
     try:
+        speaks = detect_interface(returned) if interface == "auto" else interface
+        chosen = choose(server, kind="service", interface=speaks)
         prepared = prepare(returned, server=chosen, interface=interface, grace=grace)
     except BadAppObject as error:
         _say(str(error))
         return ExitCode.BAD_COMPONENT
+    except ServerUnavailable as error:
+        _say(str(error))
+        return ExitCode.SERVER_START
     if shards is None:
         return prepared.serve(listen_fd)
     # A sharded service: own shards beside the server, and leave them the moment SIGTERM

@@ -8,8 +8,22 @@ Measured one process each, hello apps, wrk on this project's 2-core machine
   does through ``a2wsgi`` (3.3k req/s) and 2.3x gunicorn's sync worker;
 * an ASGI app (Starlette): granian about 1.3x uvicorn (uvloop, httptools).
 
-So ``server="auto"`` (the default) serves a service with **granian** when the
-app's environment has it, and with **uvicorn** otherwise. Environments get
+Alone, pinned to a core, granian wins for both kinds. In a replica, end to
+end behind the gateway on a machine whose cores are shared with the gateway,
+the other replicas and the load (``bench/endtoend.py --server uvicorn|granian``,
+2026-11-22), the figures split by interface:
+
+* WSGI (Flask): granian's replicas took 151 µs of CPU per request where
+  uvicorn + a2wsgi took 395-494 µs: **granian**, by far;
+* ASGI (Starlette): granian's replicas took 67 µs per request where uvicorn's
+  took 45 µs, and answered 0.78x the requests/s: its Rust runtime's threads
+  and the hand-offs between them and the Python thread cost more than they
+  save once they compete for the cores. **uvicorn**.
+
+So ``server="auto"`` (the default) serves a **WSGI** service with granian when
+the app's environment has it, and every other service (and every function)
+with uvicorn; ``server="granian"`` is there for ASGI apps whose own
+measurements say otherwise. Environments get
 granian beside the replica runtime's packages unless the app's own pins rule
 it out (`clearway.control.environments`, which says so in the deploy's
 output); ``server="granian"`` fails the deploy when it cannot be installed, and
@@ -126,8 +140,11 @@ def granian_installed() -> bool:
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) == GRANIAN_SERIES
 
 
-def choose(requested: Server, *, kind: Literal["service", "function"]) -> ServerName:
-    """The server to run: ``requested``, or what ``auto`` means (see the module docstring).
+def choose(
+    requested: Server, *, kind: Literal["service", "function"], interface: Literal["asgi", "wsgi"] = "asgi"
+) -> ServerName:
+    """The server to run: ``requested``, or what ``auto`` means for a ``kind`` of component
+    whose app speaks ``interface`` (see the module docstring: granian for WSGI services).
 
     Raises `ServerUnavailable` for ``"granian"`` in an environment without it."""
     if requested == "uvicorn":
@@ -140,7 +157,7 @@ def choose(requested: Server, *, kind: Literal["service", "function"]) -> Server
                 "back to uvicorn"
             )
         return "granian"
-    if kind == "function":
+    if kind == "function" or interface == "asgi":
         return "uvicorn"
     return "granian" if granian_installed() else "uvicorn"
 

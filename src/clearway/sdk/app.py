@@ -143,8 +143,8 @@ class App:
         segment after ``path``) has the gateway send a request to the replica owning
         its key's shard, whenever that replica is ready (any replica otherwise).
 
-        ``server`` picks the HTTP server of its replicas: ``"auto"`` (granian when the
-        app's environment could get it, else uvicorn), ``"granian"`` or ``"uvicorn"``.
+        ``server`` picks the HTTP server of its replicas: ``"auto"`` (granian for a WSGI
+        app when its environment could get it, else uvicorn), ``"granian"`` or ``"uvicorn"``.
         """
         location = _caller(1)
 

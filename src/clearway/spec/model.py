@@ -29,7 +29,7 @@ API_VERSION: Literal["clearway.dev/v1"] = "clearway.dev/v1"
 
 Interface = Literal["auto", "asgi", "wsgi"]
 #: Which HTTP server runs a replica's app (`clearway.runtime.servers`): ``auto`` picks
-#: granian when the app's environment has it, else uvicorn.
+#: granian for a WSGI service when the app's environment has it, else uvicorn.
 Server = Literal["auto", "uvicorn", "granian"]
 
 #: ``"app"`` or ``"app.component"``: who may call a service (see ``ServiceSpec.allow``).
@@ -140,7 +140,8 @@ class ServiceSpec(_Component):
     interface: Interface = "auto"
     server: Server = "auto"
     """The HTTP server its replicas run: ``"granian"``, ``"uvicorn"`` or ``"auto"``
-    (granian when it could be installed beside the app's dependencies, else uvicorn)."""
+    (granian for a WSGI app when it could be installed beside the app's dependencies,
+    uvicorn for an ASGI app or without granian)."""
     timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     startup_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     allow: list[str] = Field(default_factory=list)
