@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import asgi_app, write_app
-from tests.e2e.platform import EXAMPLES, Gate, Load, Platform, free_port
+from tests.e2e.platform import EXAMPLES, Gate, Load, Platform, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -89,6 +89,43 @@ def test_new_revision_takes_over_without_a_failed_request(shared: Platform, tmp_
     assert {r["revision"] for r in status["replicas"]} <= {"takeover-2"} | {
         r["revision"] for r in status["replicas"] if r["state"] == "draining"
     }
+
+
+SLOW_APP = """
+import asyncio, os
+
+@app.service(replicas=2, public=True, health="/healthz")
+def web():
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/healthz":
+            await asyncio.sleep(0.05)  # most of the time a request is in flight
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": os.environ["CLEARWAY_REPLICA_ID"].encode()})
+    return asgi
+"""
+
+
+def test_a_replica_killed_under_load_fails_no_request(shared: Platform, tmp_path: Path) -> None:
+    shared.cli("deploy", str(write_app(tmp_path / "crashy", SLOW_APP, name="crashy")))
+    with Load(shared, "crashy") as load:
+        load.wait_for(10)
+        # Kill the replica that answered last: likely the one answering now.
+        victim = load.bodies[-1]
+        pid = next(r["pid"] for r in shared.status("crashy")["replicas"] if r["id"] == victim)
+        os.killpg(pid, signal.SIGKILL)
+        load.wait_for(20)
+        # Restarted (same id, new process), it serves again; no GET failed meanwhile.
+        wait_for(
+            "the killed replica to serve again",
+            lambda: any(
+                r["id"] == victim and r["pid"] != pid and r["state"] == "ready"
+                for r in shared.status("crashy")["replicas"]
+            ),
+        )
+        load.wait_for(10)
+    assert load.failures == []
 
 
 @pytest.mark.parametrize(
