@@ -356,8 +356,9 @@ async def test_the_dispatcher_delivers_with_bounded_concurrency_and_attempt_head
         await wait_until(lambda: store.invocation(broken.id).state is InvocationState.DEAD)  # type: ignore[union-attr]
     finally:
         loop.cancel()
-        await asyncio.wait([loop])
+        stopped, _ = await asyncio.wait([loop], timeout=10)
         await caller.aclose()
+    assert stopped, "the dispatcher did not stop within 10 s of being cancelled"
     assert gateway.most == 5
     first = next(h for h in gateway.seen if h["x-clearway-invocation-id"] == ids[0])
     assert (first["path"], first["x-clearway-attempt"], first["x-clearway-identity"]) == ("/_apps/shop/resize", "1", "platform-token")

@@ -456,8 +456,11 @@ class Dispatcher:
                 wait = min(wait, max(0.0, due - self._clock()))
         if wait <= 0:
             return
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives as the event is set, and the dispatcher would then never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
 
     async def _housekeeping(self) -> None:
         """Renew the leases of running deliveries; now and then forget old successes."""

@@ -119,8 +119,9 @@ class Reconciler:
     async def run(self) -> None:
         while True:
             await self.guarded_pass()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: see Dispatcher._idle)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def guarded_pass(self) -> None:

@@ -326,7 +326,8 @@ class ShardedWorker:
                 except LockError as error:
                     self.say(f"{error}; trying again in 1s")
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
+                        async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancel
+                            await stop.wait()
                     continue
                 failed: LockError | None = None
                 try:
@@ -342,7 +343,8 @@ class ShardedWorker:
                 if failed is not None:  # the control plane refused or did not answer
                     self.say(f"{failed}; every shard stopped; joining again in 1s")
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
+                        async with asyncio.timeout(1.0):
+                            await stop.wait()
                 else:
                     self.say(f"the lease of the shards of {self.worker} was lost: every shard stopped; joining again")
         finally:
