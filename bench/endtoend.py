@@ -64,6 +64,8 @@ from clearway.backends.local.backend import default_sockets_dir
 
 # bench/ is not a package: share the helpers of the gateway benchmark.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolation_requests import clearway
+
 from gateway import NGINX, WRK, cpu_seconds, free_port, median_run, nginx, wrk
 
 APPS_DIR = Path(__file__).resolve().parent / "apps"
@@ -136,16 +138,6 @@ class Variant:
 def server_field_supported() -> bool:
     """Whether this clearway's ``@app.service`` takes ``server=`` (added on another branch)."""
     return "server" in inspect.signature(cw.App.service).parameters
-
-
-def clearway(home: Path, *args: str, timeout: float = 180) -> str:
-    cmd = [sys.executable, "-m", "clearway.cli.main", "--home", str(home), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"`clearway {' '.join(args)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}"
-        )
-    return done.stdout
 
 
 def replica_pids(home: Path, app: str, replicas: int) -> list[int]:
