@@ -200,34 +200,20 @@ class App:
         ``lost``, set when the shard is lost or moves away — the call is then
         cancelled). A dead replica's shards are taken over within about ``lease_ttl``
         seconds, a stopped one's at once."""
-        location = _caller(1)
-
-        def record(func: F) -> F:
-            if shards is not None and callable(func) and not inspect.iscoroutinefunction(func):
-                raise SpecError(
-                    f"a sharded worker must be `async def` ({getattr(func, '__name__', func)!r} is not): "
-                    "its call for a shard is cancelled when the shard moves to another replica, "
-                    "and a thread cannot be",
-                    location=str(location) if location else None,
-                )
-            self._record(
-                WorkerSpec,
-                func,
-                location,
-                name=name or func.__name__,
-                replicas=replicas,
-                env=dict(env or {}),
-                resources={"memory_mb": memory_mb, "cpu": cpu},
-                sandbox=sandbox,
-                network=network,
-                grace_period=grace_period,
-                startup_timeout=startup_timeout,
-                shards=shards,
-                lease_ttl=lease_ttl,
-            )
-            return func
-
-        return record
+        return self._worker(
+            _caller(1),
+            name,
+            env=env,
+            memory_mb=memory_mb,
+            cpu=cpu,
+            replicas=replicas,
+            sandbox=sandbox,
+            network=network,
+            grace_period=grace_period,
+            startup_timeout=startup_timeout,
+            shards=shards,
+            lease_ttl=lease_ttl,
+        )
 
     def singleton(
         self,
@@ -250,27 +236,20 @@ class App:
         function may take one argument, a `clearway.Leadership` (its fencing
         ``token``; ``lost``, set the moment leadership is lost — an async
         function is then cancelled, a sync one's process ends)."""
-        location = _caller(1)
-
-        def record(func: F) -> F:
-            self._record(
-                WorkerSpec,
-                func,
-                location,
-                name=name or func.__name__,
-                replicas=replicas,
-                env=dict(env or {}),
-                resources={"memory_mb": memory_mb, "cpu": cpu},
-                sandbox=sandbox,
-                network=network,
-                grace_period=grace_period,
-                startup_timeout=startup_timeout,
-                singleton=True,
-                lease_ttl=lease_ttl,
-            )
-            return func
-
-        return record
+        return self._worker(
+            _caller(1),
+            name,
+            env=env,
+            memory_mb=memory_mb,
+            cpu=cpu,
+            replicas=replicas,
+            sandbox=sandbox,
+            network=network,
+            grace_period=grace_period,
+            startup_timeout=startup_timeout,
+            singleton=True,
+            lease_ttl=lease_ttl,
+        )
 
     def function(
         self,
@@ -364,6 +343,39 @@ class App:
             )
         self.smoke_checks[name] = (SmokeCheck(name=name, source=location), func)
         return func
+
+    def _worker(
+        self,
+        location: SourceLocation | None,
+        name: str | None,
+        *,
+        env: Mapping[str, str] | None,
+        memory_mb: int | None,
+        cpu: float | None,
+        **fields: Any,
+    ) -> Callable[[F], F]:
+        """The decorator of a worker (a singleton is one too): records its `WorkerSpec`."""
+
+        def record(func: F) -> F:
+            if fields.get("shards") is not None and callable(func) and not inspect.iscoroutinefunction(func):
+                raise SpecError(
+                    f"a sharded worker must be `async def` ({getattr(func, '__name__', func)!r} is not): "
+                    "its call for a shard is cancelled when the shard moves to another replica, "
+                    "and a thread cannot be",
+                    location=str(location) if location else None,
+                )
+            self._record(
+                WorkerSpec,
+                func,
+                location,
+                name=name or func.__name__,
+                env=dict(env or {}),
+                resources={"memory_mb": memory_mb, "cpu": cpu},
+                **fields,
+            )
+            return func
+
+        return record
 
     def _record(
         self,
