@@ -162,8 +162,10 @@ async def _serve_master(args: argparse.Namespace, listener: socket.socket, worke
     try:
         await pool.start()
     except WorkerExited as exc:
-        print(f"clearway gateway: {exc}", file=sys.stderr)
-        return exc.code if exc.code in (EXIT_BAD_ROUTES, EXIT_LISTEN_FAILED) else 1
+        if exc.code in (EXIT_BAD_ROUTES, EXIT_LISTEN_FAILED):
+            return exc.code  # the worker said why on our stderr: its line stays the last one
+        print(f"clearway gateway: {exc}; its errors are the lines above", file=sys.stderr)
+        return 1
     except TimeoutError:
         print("clearway gateway: the workers did not start in time", file=sys.stderr)
         return 1
