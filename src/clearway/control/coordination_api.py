@@ -26,6 +26,7 @@ loops over it, renewing its lease between polls.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,6 +56,42 @@ class LeaseRequest(BaseModel):
 class AcquireRequest(BaseModel):
     lease: str = Field(min_length=1, max_length=100)
     wait: float = Field(default=0.0, ge=0, le=MAX_WAIT, description="Seconds to wait for the lock.")
+
+
+class LeaseOwners:
+    """Which replica process owns each lease granted through this control plane, so the
+    checks before every lock call need no backend round trip.
+
+    An entry lives as long as its lease could: the lease's TTL from its grant or last
+    renewal. A lease whose replica was killed is never revoked or renewed here again,
+    so without that bound its entry would stay for the life of the control plane. An
+    entry that has run out is only a cache miss: `coordination_api` then asks the
+    backend, which is the authority either way.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: dict[str, tuple[str, float]] = {}  # lease -> (owner, expires at)
+        self._next_sweep = 0.0
+
+    def remember(self, lease: str, owner: str, ttl: float) -> None:
+        now = self._clock()
+        self._entries[lease] = (owner, now + ttl)
+        if now >= self._next_sweep:  # at most once a second: O(entries) each time
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[1] > now}
+            self._next_sweep = now + 1.0
+
+    def owner(self, lease: str) -> str | None:
+        entry = self._entries.get(lease)
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return entry[0]
+
+    def forget(self, lease: str) -> None:
+        self._entries.pop(lease, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def owner_of(identity: ReplicaIdentity) -> str:
@@ -91,8 +128,7 @@ def coordination_api(
     replica_identity: Callable[[Request], Awaitable[ReplicaIdentity]],
 ) -> None:
     """Register the routes in the module docstring on ``api``."""
-    #: lease id -> owner, for the leases granted through this control plane (others are looked up).
-    owners: dict[str, str] = {}
+    owners = LeaseOwners()
 
     def lock_name(identity: ReplicaIdentity, name: str) -> str:
         try:
@@ -103,9 +139,12 @@ def coordination_api(
 
     async def own_lease(identity: ReplicaIdentity, lease: str) -> str:
         owner = owner_of(identity)
-        known = owners.get(lease)
-        if known is None and any(found.id == lease for found in await coordinator.leases(owner)):
-            owners[lease] = known = owner
+        known = owners.owner(lease)
+        if known is None:
+            found = next((found for found in await coordinator.leases(owner) if found.id == lease), None)
+            if found is not None:
+                owners.remember(lease, owner, found.ttl)
+                known = owner
         if known != owner:
             raise APIError(
                 404,
@@ -126,20 +165,23 @@ def coordination_api(
             lease = await coordinator.grant(owner_of(identity), body.ttl)
         except CoordinationUnavailable as exc:
             raise unavailable(exc) from None
-        owners[lease.id] = lease.owner
+        owners.remember(lease.id, lease.owner, lease.ttl)
         return {"id": lease.id, "ttl": lease.ttl}
 
     @api.post("/v1/replica/leases/{lease}/keepalive", tags=["coordination"])
     async def keepalive(lease: str, identity: ReplicaIdentity = replica) -> dict[str, Any]:
         """Renew a lease: it lives ``ttl`` seconds from now. 404 when it is already gone."""
+        owner = owner_of(identity)
         await own_lease(identity, lease)
         try:
-            return {"ttl": await coordinator.keepalive(lease)}
+            ttl = await coordinator.keepalive(lease)
         except LeaseGone as exc:
-            owners.pop(lease, None)
+            owners.forget(lease)
             raise APIError(404, f"lease {lease} is gone: {exc}") from None
         except CoordinationUnavailable as exc:
             raise unavailable(exc) from None
+        owners.remember(lease, owner, ttl)
+        return {"ttl": ttl}
 
     @api.delete("/v1/replica/leases/{lease}", tags=["coordination"])
     async def revoke(lease: str, identity: ReplicaIdentity = replica) -> dict[str, Any]:
@@ -149,7 +191,7 @@ def coordination_api(
             await coordinator.revoke(lease)
         except CoordinationUnavailable as exc:
             raise unavailable(exc) from None
-        owners.pop(lease, None)
+        owners.forget(lease)
         return {"revoked": True}
 
     # Before the /v1/replica/locks/{name:path} routes (routes match in order).
@@ -174,7 +216,7 @@ def coordination_api(
             # its place in the queue is kept between polls.
             holding = await coordinator.acquire(full, body.lease, wait=body.wait, keep_queued=True)
         except LeaseGone as exc:
-            owners.pop(body.lease, None)
+            owners.forget(body.lease)
             raise APIError(404, f"lease {body.lease} is gone: {exc}; take a new one") from None
         except CoordinationUnavailable as exc:
             raise unavailable(exc) from None

@@ -12,10 +12,10 @@ has seen can refuse a holder whose lease already ended (see `clearway.coordinati
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from clearway.exceptions import CoordinationError, CoordinationUnavailable, LeaseGone
+from clearway.spec.ids import MAX_LOCK_NAME, check_lock_name
 
 __all__ = [
     "MAX_LOCK_NAME",
@@ -37,10 +37,8 @@ __all__ = [
 #: renewal and the backend's own expiry granularity (etcd checks every 500 ms) eat the TTL.
 MIN_TTL = 1.0
 MAX_TTL = 300.0
-MAX_LOCK_NAME = 200
 MAX_OWNER = 400
 
-_LOCK_NAME = re.compile(r"[A-Za-z0-9._:/-]+")
 
 
 @dataclass(frozen=True)
@@ -65,31 +63,6 @@ class Holding:
     token: int
     lease: str
     owner: str
-
-
-def check_lock_name(name: object) -> str:
-    """``name`` when it is a valid lock name, else ValueError saying why.
-
-    1 to 200 characters of ``A-Z a-z 0-9 . _ : / -``, no leading ``/`` and no
-    empty path part (``//``): the name becomes part of a key, and ``a/b`` must
-    never mean the same lock as ``a//b`` or ``/a/b``.
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"a lock name must be a string, not {type(name).__name__}")
-    if not name:
-        raise ValueError("a lock name must not be empty")
-    if len(name) > MAX_LOCK_NAME:
-        raise ValueError(f"lock name {name[:40]!r}... is {len(name)} characters long; the limit is {MAX_LOCK_NAME}")
-    if not _LOCK_NAME.fullmatch(name):
-        bad = sorted({c for c in name if not _LOCK_NAME.fullmatch(c)})
-        raise ValueError(
-            f"lock name {name!r} contains {''.join(bad)!r}: use only letters, digits and . _ : / -"
-        )
-    if name.startswith("/"):
-        raise ValueError(f"lock name {name!r} must not start with '/'")
-    if "//" in name:
-        raise ValueError(f"lock name {name!r} must not contain '//' (an empty part)")
-    return name
 
 
 def check_ttl(ttl: object) -> float:

@@ -65,7 +65,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import threading
 import time
 import urllib.error
@@ -77,6 +76,7 @@ from typing import Any
 
 from clearway.exceptions import ClearwayError
 from clearway.sdk.identity import _need
+from clearway.spec.ids import check_lock_name
 
 __all__ = ["Leadership", "Lock", "LockError", "LockTimeout", "Session", "leader"]
 
@@ -84,7 +84,6 @@ __all__ = ["Leadership", "Lock", "LockError", "LockTimeout", "Session", "leader"
 _POLL = 20.0
 #: A poll that got no answer is asked again after this long (while the lease lives).
 _RETRY = 0.5
-_NAME = re.compile(r"[A-Za-z0-9._:-]+(/[A-Za-z0-9._:-]+)*")
 
 
 class LockError(ClearwayError):
@@ -95,21 +94,13 @@ class LockTimeout(LockError, TimeoutError):
     """The lock was not had within the time asked for."""
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not 1 <= len(name) <= 200 or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"lock name {name!r} is not valid: use 1 to 200 characters of letters, digits, "
-            "'.', '_', ':', '-', with '/' between parts (e.g. 'inventory' or 'orders/eu')"
-        )
-
-
 def _check_ttl(ttl: float) -> None:
     if not isinstance(ttl, (int, float)) or not 1 <= ttl <= 300:
         raise ValueError(f"ttl={ttl!r} is not valid: a lock's lease lives 1 to 300 seconds")
 
 
 def _check(name: str, ttl: float) -> None:
-    _check_name(name)
+    check_lock_name(name)
     _check_ttl(ttl)
 
 

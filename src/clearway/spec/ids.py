@@ -26,12 +26,14 @@ from typing import NewType
 
 __all__ = [
     "ENV_NAME",
+    "MAX_LOCK_NAME",
     "AppName",
     "ComponentName",
     "ReplicaId",
     "RevisionId",
     "branch_label",
     "check_env_name",
+    "check_lock_name",
     "check_name",
     "commit_label",
     "parse_replica_id",
@@ -127,3 +129,32 @@ def parse_replica_id(value: str) -> tuple[RevisionId, ComponentName, int]:
     if replica_id(revision, component, index) != value:
         raise ValueError(f"{value!r} is not a canonical replica id")
     return RevisionId(revision), ComponentName(component), index
+
+
+MAX_LOCK_NAME = 200
+_LOCK_PART = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+def check_lock_name(name: object) -> str:
+    """``name`` when it is a valid lock name, else ValueError saying why.
+
+    1 to 200 characters: parts of ``A-Z a-z 0-9 . _ : -`` joined by single ``/``
+    (``inventory``, ``orders/eu``). The name becomes part of a key, so ``a/b``
+    must never mean the same lock as ``a//b``, ``/a/b`` or ``a/b/``. The one rule
+    for the SDK (which checks before any call) and for every coordination backend.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"a lock name must be a string, not {type(name).__name__}")
+    if not name:
+        raise ValueError("a lock name must not be empty")
+    if len(name) > MAX_LOCK_NAME:
+        raise ValueError(f"lock name {name[:40]!r}... is {len(name)} characters long; the limit is {MAX_LOCK_NAME}")
+    bad = sorted({c for c in name if c != "/" and not _LOCK_PART.fullmatch(c)})
+    if bad:
+        raise ValueError(f"lock name {name!r} contains {''.join(bad)!r}: use only letters, digits and . _ : / -")
+    if not all(_LOCK_PART.fullmatch(part) for part in name.split("/")):
+        raise ValueError(
+            f"lock name {name!r} has an empty part: '/' goes only between parts (e.g. 'orders/eu'), "
+            "never at the start or the end, and never twice in a row"
+        )
+    return name
