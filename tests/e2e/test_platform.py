@@ -276,18 +276,26 @@ def test_port_clash_is_reported(tmp_path: Path) -> None:
     assert "address already in use" in result.stderr.lower() and "--port" in result.stderr
 
 
-def test_down_stops_everything(tmp_path: Path) -> None:
+def test_down_stops_everything_and_up_starts_as_last_time(tmp_path: Path) -> None:
     platform = Platform(home=tmp_path / "home", port=free_port())
-    platform.up()
-    platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("x", replicas=1))))
-    pids = [r["pid"] for r in platform.status("demo")["replicas"]]
-    platform.cli("down")
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    assert not (platform.home / "control.json").exists()
-    again = platform.cli("status", check=False)
-    assert again.returncode == 1 and "clearway up --detach" in again.stderr
+    try:
+        # Three gateway workers: neither the suite's two nor this machine's default.
+        platform.cli("up", "--detach", "--port", str(platform.port), "--gateway-workers", "3")
+        platform.cli("deploy", str(write_app(tmp_path / "demo", asgi_app("x", replicas=1))))
+        pids = [r["pid"] for r in platform.status("demo")["replicas"]]
+        platform.cli("down")
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert not (platform.home / "control.json").exists()
+        again = platform.cli("status", check=False)
+        assert again.returncode == 1 and "clearway up --detach" in again.stderr
+
+        started = platform.cli("up", "--detach")  # no flags: the port and the workers as last time
+        assert f":{platform.port}/" in started.stdout, started.stdout
+        assert "clearway_gateway_workers 3.0" in platform.cli("metrics").stdout.splitlines()
+    finally:
+        platform.down()
 
 
 def test_a_killed_gateway_is_replaced_and_serves_the_same_routes(platform: Platform, tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 @click.option(
     "--gateway-workers",
     type=click.IntRange(1, 256),
-    help="Gateway worker processes (default: the number of cores).",
+    help="Gateway worker processes (default: the number of cores, or as last time).",
 )
 @click.option("--detach", "-d", is_flag=True, help="Run in the background and return once it answers.")
 @click.pass_context

@@ -181,6 +181,11 @@ class ControlPlane:
         ):
             store.set_meta(key, value)
         self.home.write_platform_settings({"host": host, "port": port, "domains": list(domains)})
+        # As last time when not asked: a restart after a crash must not change the data plane.
+        recorded_workers = store.get_meta("gateway_workers")
+        gateway_workers = self.settings.gateway_workers or (int(recorded_workers) if recorded_workers else None)
+        if gateway_workers is not None:
+            store.set_meta("gateway_workers", str(gateway_workers))
 
         backend = LocalBackend(
             LocalConfig(
@@ -191,7 +196,7 @@ class ControlPlane:
                 control_url=api_url,
                 replica_token=signing.replica_token_minter(),
                 identity_key=self.home.keys / "signing.pub.pem",
-                gateway_workers=self.settings.gateway_workers,
+                gateway_workers=gateway_workers,
             )
         )
         tasks = TaskSupervisor(log)
