@@ -128,6 +128,47 @@ def test_a_replica_killed_under_load_fails_no_request(shared: Platform, tmp_path
     assert load.failures == []
 
 
+def gateway_workers(platform: Platform) -> list[int]:
+    master = json.loads((platform.home / "gateway.json").read_text())["pid"]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--worker-of" in cmdline and cmdline[cmdline.index(b"--worker-of") + 1] == str(master).encode():
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_a_gateway_worker_killed_under_load_fails_only_its_own_requests(shared: Platform, tmp_path: Path) -> None:
+    shared.cli("deploy", str(write_app(tmp_path / "steady", SLOW_APP, name="steady")))
+    before = gateway_workers(shared)
+    assert len(before) == 2, before
+    # Four clients, one keep-alive connection and at most one request in flight each: killing
+    # a worker can fail at most the requests it had in flight, so at most four, and only as
+    # broken connections (never an HTTP error); every client then goes on through the other.
+    loads = [Load(shared, "steady", tolerate=4) for _ in range(4)]
+    for load in loads:
+        load.__enter__()
+    try:
+        for load in loads:
+            load.wait_for(5)
+        os.kill(before[0], signal.SIGKILL)
+        wait_for("the killed worker to be replaced", lambda: len(set(gateway_workers(shared)) - set(before)) == 1)
+        for load in loads:
+            load.wait_for(10)
+    finally:
+        for load in loads:
+            load.__exit__(None, None, None)
+    failures = [failure for load in loads for failure in load.failures]
+    assert len(failures) <= 4, failures
+    assert all(not failure[:3].isdigit() for failure in failures), failures  # no 5xx: only cut connections
+    metrics = shared.cli("metrics").stdout.splitlines()
+    assert "clearway_gateway_worker_restarts_total 1.0" in metrics, [m for m in metrics if "worker" in m]
+
+
 @pytest.mark.parametrize(
     ("broken", "expected"),
     [

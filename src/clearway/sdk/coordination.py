@@ -405,9 +405,10 @@ class Lock:
         """Give the lock up now (the next waiter gets it at once); a private lease is revoked."""
         self._stop_watching()
         session = self._session
-        if session is not None and session.lease is not None and self.token is not None:
-            # On no answer: a private lease is revoked below, or expires; the lock goes either way.
-            # (A shared session's lease keeps the lock until the session closes or expires.)
+        # A private lease is revoked by _abandon, which releases the lock with it: one call, not
+        # two. A shared session's lease stays, so the lock is released by name (on no answer it
+        # is held until the session closes or its lease expires).
+        if session is not None and session is self.session and session.lease is not None and self.token is not None:
             with contextlib.suppress(LockError):
                 _call("DELETE", f"{_lock_path(self.name)}?lease={urllib.parse.quote(session.lease)}", timeout=10)
         self._abandon()
