@@ -32,12 +32,15 @@ def builder(home: Path) -> RevisionBuilder:
     return RevisionBuilder(Store(home / "state.db"), home)
 
 
-def processes_mentioning(text: str) -> list[int]:
+def processes_mentioning(*texts: str) -> list[int]:
+    """Processes whose command line holds every one of ``texts`` (name the test's own paths:
+    other tests, in parallel, run the same commands)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if text.encode() in (entry / "cmdline").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes()
+                if all(text.encode() in cmdline for text in texts):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -87,7 +90,7 @@ async def test_an_app_that_forks_at_import_neither_hangs_the_deploy_nor_leaks(tm
     rev = await builder.build(archive(src, tmp_path / "up.tgz"), app_file="app.py", env={})
     assert rev.spec.name == "hello"
     assert time.monotonic() - started < INSPECT_TIMEOUT / 4
-    assert processes_mentioning("clearway.sdk.inspect") == [], "the forked child outlived the import"
+    assert processes_mentioning("clearway.sdk.inspect", str(home)) == [], "the forked child outlived the import"
 
 
 async def test_the_import_sees_no_platform_files_and_a_minimal_environment(tmp_path: Path, home: Path, builder: RevisionBuilder, monkeypatch: pytest.MonkeyPatch) -> None:
