@@ -7,8 +7,8 @@ started for the run) one real platform runs an app whose replicas use the
 SDK, exactly as an app does:
 
 1. **Lock acquire + release**, uncontended, measured inside a replica (a
-   function times ``with cw.Lock(...)`` — lease grant, acquire, release,
-   revoke — ``--locks`` times): p50, p99 and holdings per second. Beside it,
+   function times ``with cw.Lock(...)`` — lease grant, acquire, and the
+   revoke that releases the lock with the lease — ``--locks`` times): p50, p99 and holdings per second. Beside it,
    in the same run, a raw etcd put + get round trip with the same client
    library the etcd backend uses (aetcd) — the floor any etcd-based lock
    pays at least once.
@@ -161,7 +161,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"clearway-bench-{backend}-") as tmp:
             results[backend] = run(backend, Path(tmp), args)
     raw = results["etcd"]["raw"]
-    print(f"lock acquire + release through the SDK from a replica (grant, acquire, release, revoke), {args.locks} rounds:")
+    print(f"lock acquire + release through the SDK from a replica (grant, acquire, revoke), {args.locks} rounds:")
     for backend, result in results.items():
         times = result["locks"]
         print(f"  {backend:<9} p50 {pct(times, 0.5) * 1000:6.2f} ms  p99 {pct(times, 0.99) * 1000:6.2f} ms  "
