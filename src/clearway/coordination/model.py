@@ -40,7 +40,6 @@ MAX_TTL = 300.0
 MAX_OWNER = 400
 
 
-
 @dataclass(frozen=True)
 class Lease:
     """A lease: ``id`` (opaque string), its ``owner`` and the ``ttl`` as granted, in seconds.
