@@ -28,7 +28,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProbePolicy", "ProbeResult", "probe_http"]
+__all__ = ["ProbePolicy", "ProbeResult", "probe_http", "probe_until_ready"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class ProbeResult:
     ok: bool
     detail: str
     """For failures: what went wrong, e.g. "GET /healthz answered 503"."""
+    timed_out: bool = False
+    """The probe got no answer within its time, as opposed to a wrong one."""
 
 
 async def probe_http(socket_path: str | Path, path: str | None, *, within: float) -> ProbeResult:
@@ -70,7 +72,7 @@ async def probe_http(socket_path: str | Path, path: str | None, *, within: float
             finally:
                 writer.close()
     except TimeoutError:
-        return ProbeResult(False, f"GET {target} got no answer within {within:g}s")
+        return ProbeResult(False, f"GET {target} got no answer within {within:g}s", timed_out=True)
     except OSError as error:
         return ProbeResult(False, f"GET {target} failed: {error.strerror or error}")
     parts = status_line.split(maxsplit=2)
@@ -82,3 +84,33 @@ async def probe_http(socket_path: str | Path, path: str | None, *, within: float
     if path is None or 200 <= status < 400:
         return ProbeResult(True, f"GET {target} answered {status}")
     return ProbeResult(False, f"GET {target} answered {status}")
+
+
+async def probe_until_ready(
+    socket_path: str | Path, path: str | None, *, startup_timeout: float, policy: ProbePolicy
+) -> ProbeResult:
+    """Probe every ``readiness_interval`` until the first success or ``startup_timeout``.
+
+    The last probe is cut short by the deadline. When that one merely runs out of
+    time, the failure reported is the one before it: "answered 503" says something
+    about the app, "no answer within 0.01s" only says the deadline came.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + startup_timeout
+    last_error: ProbeResult | None = None
+    while True:
+        within = max(0.01, min(policy.timeout, deadline - loop.time()))
+        result = await probe_http(socket_path, path, within=within)
+        if result.ok:
+            return result
+        cut_short = result.timed_out and within < policy.timeout
+        if last_error is None or not cut_short:
+            last_error = result
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return ProbeResult(
+                False,
+                f"never answered GET {path or '/'} within {startup_timeout:g}s; "
+                f"last error: {last_error.detail}",
+            )
+        await asyncio.sleep(min(policy.readiness_interval, remaining))

@@ -80,7 +80,7 @@ from clearway.runtime.exit_codes import ExitCode
 from clearway.runtime.isolation import find_bwrap
 from clearway.runtime.launcher import LaunchedProcess, Launcher, LaunchRequest, SpawnLauncher
 from clearway.runtime.logs import LogPosition, log_position, read_log_since
-from clearway.runtime.probes import ProbePolicy, ProbeResult, probe_http
+from clearway.runtime.probes import ProbePolicy, ProbeResult, probe_http, probe_until_ready
 from clearway.runtime.process import (
     ProcessExit,
     ProcessWatch,
@@ -439,25 +439,12 @@ class _Replica:
         return ProbeResult(True, f"ran for {seconds:g}s")
 
     async def _await_ready(self, socket_path: Path) -> ProbeResult:
-        spec, probes = self.spec, self.supervisor.config.probes
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + spec.startup_timeout
-        target = spec.health_path or "/"
-        while True:
-            remaining = deadline - loop.time()
-            result = await probe_http(
-                socket_path, spec.health_path, within=max(0.01, min(probes.timeout, remaining))
-            )
-            if result.ok:
-                return result
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return ProbeResult(
-                    False,
-                    f"never answered GET {target} within {spec.startup_timeout:g}s; "
-                    f"last error: {result.detail}",
-                )
-            await asyncio.sleep(min(probes.readiness_interval, remaining))
+        return await probe_until_ready(
+            socket_path,
+            self.spec.health_path,
+            startup_timeout=self.spec.startup_timeout,
+            policy=self.supervisor.config.probes,
+        )
 
     async def _await_unhealthy(self, socket_path: Path) -> ProbeResult:
         """Probe until ``failure_threshold`` failures in a row; the first takes the replica
