@@ -111,7 +111,8 @@ async def test_import_error_is_reported_with_its_traceback(
 async def test_never_ready_replica_is_killed_and_the_reason_reported(
     supervisor: Supervisor, make_spec: SpecFactory, status_log: StatusLog
 ) -> None:
-    spec = make_spec(NEVER_READY, health_path="/healthz", startup_timeout=1.5, grace_period=1.0)
+    # 4 s: time for the app to import on a loaded machine and answer 503 at least once.
+    spec = make_spec(NEVER_READY, health_path="/healthz", startup_timeout=4, grace_period=1.0)
     await supervisor.start(spec)
     first_pid = (
         await supervisor.wait_for(spec.replica_id, within=10, predicate=lambda s: s.pid is not None)
@@ -120,7 +121,7 @@ async def test_never_ready_replica_is_killed_and_the_reason_reported(
         spec.replica_id, ReplicaState.BACKOFF, ReplicaState.CRASHLOOP, within=20
     )
     assert status.last_error == (
-        "never answered GET /healthz within 1.5s; last error: GET /healthz answered 503"
+        "never answered GET /healthz within 4s; last error: GET /healthz answered 503"
     )
     assert status.last_exit_code == 0  # it took SIGTERM gracefully
     assert first_pid is not None
