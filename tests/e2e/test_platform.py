@@ -91,6 +91,49 @@ def test_new_revision_takes_over_without_a_failed_request(shared: Platform, tmp_
     }
 
 
+def test_restart_replaces_every_replica_without_a_failed_request(shared: Platform, tmp_path: Path) -> None:
+    project = write_app(tmp_path / "again", asgi_app("first code"), name="again")
+    shared.cli("deploy", str(project))
+    # A revision still starting decides what a restart would restart: refused until it ends.
+    gate = Gate()
+    try:
+        gated = asgi_app("same code").replace("def web():\n", "def web():\n" + gate.wait_code())
+        write_app(project, gated, name="again")
+        shared.cli("deploy", str(project), "--no-wait")
+        refused = shared.cli("restart", "again", check=False)
+        assert refused.returncode == 1, refused
+        assert "again-2 of again is starting: wait until it serves" in refused.stderr, refused
+        gate.open()
+        wait_for("again-2 to serve", lambda: shared.status("again")["active_revision"] == "again-2")
+        before = {r["pid"] for r in shared.status("again")["replicas"]}
+
+        with Load(shared, "again") as load:
+            load.wait_for(20)
+            restarted = shared.cli("restart", "again")
+            load.wait_for(20)
+    finally:
+        gate.close()
+    assert load.failures == []
+    assert set(load.bodies) == {"same code"}
+    assert "again restarted: again-3 replaces again-2 (same code)" in restarted.stdout, restarted
+    status = shared.status("again")
+    assert status["active_revision"] == "again-3"
+    revisions = {r["id"]: r for r in status["revisions"]}
+    assert revisions["again-3"]["artifact"] == revisions["again-2"]["artifact"], revisions
+    serving = [r for r in status["replicas"] if r["revision"] == "again-3"]
+    assert [r["state"] for r in serving] == ["ready", "ready"], serving
+    assert not {r["pid"] for r in serving} & before, (serving, before)
+    wait_for(
+        "again-2's replicas to stop",
+        lambda: all(r["revision"] == "again-3" for r in shared.status("again")["replicas"]),
+    )
+    audit = json.loads(shared.cli("audit", "--json", "-n", "50").stdout)
+    assert any(e["detail"] == "again-2 replaced by again-3 (same code)" for e in audit), audit
+
+    missing = shared.cli("restart", "nope", check=False)
+    assert missing.returncode == 1 and "no app named 'nope'" in missing.stderr, missing
+
+
 SLOW_APP = """
 import asyncio, os
 

@@ -172,6 +172,10 @@ def test_a_rollout_survives_a_control_plane_crash_and_is_promoted(platform: Plat
     platform.cli("up", "--detach", "--port", str(platform.port))
     resumed = rollout(platform, "steady")["current"]
     assert resumed is not None and resumed["id"] == running["id"] and resumed["step"] == 0, resumed
+    # A restart now would cut the rollout short: refused, with what to do.
+    refused = platform.cli("restart", "steady", check=False)
+    assert refused.returncode == 1 and "a rollout of steady is running" in refused.stderr, refused
+    assert "`clearway rollout abort steady` first" in refused.stderr, refused
 
     ended, _ = drive_until(platform, "steady", "promoted")
     assert ended["analysis"]["outcome"] == "pass", ended

@@ -424,6 +424,26 @@ def rollback(ctx: click.Context, app: str, revision: str | None) -> None:
     out.print(f"[green]✓[/] {app} is serving {accepted['revision']} again")
 
 
+@cli.command()
+@click.argument("app")
+@click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
+@click.pass_context
+@run_command
+def restart(ctx: click.Context, app: str, no_wait: bool) -> None:
+    """Replace every replica of APP with a fresh process, without downtime.
+
+    A new revision of the same code starts beside the serving one and takes the
+    traffic once ready, as a deploy does; the old replicas then drain.
+    """
+    client = client_of(ctx)
+    accepted = client.request("POST", f"/v1/apps/{app}/restart")
+    if no_wait:
+        out.print(f"{accepted['revision']} accepted; it replaces {accepted['restarts']} once ready")
+        return
+    wait_for_revision(client, accepted["revision"])
+    out.print(f"[green]✓[/] {app} restarted: {accepted['revision']} replaces {accepted['restarts']} (same code)")
+
+
 @cli.group()
 def rollout() -> None:
     """Canary rollouts: a new revision earns its traffic step by step.

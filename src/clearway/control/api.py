@@ -563,6 +563,21 @@ def create_api(
             need_app(name)
         return {"app": name, "scope": scope.value, "config": [e.to_json() for e in entries]}
 
+    def same_artifact(base: Revision) -> Revision:
+        """A new revision of ``base``'s code, environment, interpreter and spec, on the
+        same track, under the app's configuration as it is now. Call it under the
+        builder's artifact lock: garbage collection must not delete that artifact meanwhile."""
+        return store.create_revision(
+            base.spec,
+            code_dir=base.code_dir,
+            app_file=base.app_file,
+            env=base.deploy_env,
+            env_digest=base.env_digest,
+            python=base.python,
+            branch=base.branch,
+            commit=base.commit,
+        )
+
     @api.post("/v1/apps/{name}/config", status_code=202, dependencies=auth, tags=["apps"])
     async def change_config(
         request: Request, name: str, body: ConfigChange, scope: ConfigScope = ConfigScope.PRODUCTION
@@ -611,22 +626,9 @@ def create_api(
                 bases[rev.branch] = rev
         # Under the artifact lock: garbage collection must not delete the code or
         # environment the new revision is being made from.
-        made: list[Revision] = []
         async with builder.artifact_lock:
             store.change_config(name, set_=body.set_, unset=body.unset, secret=body.secret, scope=scope)
-            for base in bases.values():
-                made.append(
-                    store.create_revision(
-                        base.spec,
-                        code_dir=base.code_dir,
-                        app_file=base.app_file,
-                        env=base.deploy_env,
-                        env_digest=base.env_digest,
-                        python=base.python,
-                        branch=base.branch,
-                        commit=base.commit,
-                    )
-                )
+            made = [same_artifact(base) for base in bases.values()]
         if made:
             note(request, detail=f"{'; '.join(parts)}; revisions {', '.join(r.id for r in made)}")
             reconciler.poke()
@@ -687,6 +689,45 @@ def create_api(
         store.restart_revision(target.id)
         reconciler.poke()
         return {"revision": target.id, "app": name, "state": RevisionState.STARTING.value}
+
+    @api.post("/v1/apps/{name}/restart", status_code=202, dependencies=auth, tags=["apps"])
+    async def restart(request: Request, name: str) -> dict[str, Any]:
+        """Replace every replica of the serving revision, without downtime.
+
+        The replacement is a new revision of the same code, environment and spec
+        (``restarts`` names the one it replaces), started like any deploy: the
+        old replicas serve until the new ones are ready, then drain. A new
+        revision rather than a restart in place because that path already is
+        zero-downtime, survives a control-plane crash midway, and shows in
+        ``clearway status`` and the audit log; it is what a configuration change
+        does too. Replicas pick up the app's configuration as it is now.
+
+        Refused while another revision is starting or a rollout runs: their end
+        would decide which code the restart restarts. Poll ``GET /v1/revisions/{id}``.
+        """
+        need_app(name)
+        if store.rollout(name) is not None:
+            raise APIError(
+                409,
+                f"a rollout of {name} is running: `clearway rollout promote {name}` or "
+                f"`clearway rollout abort {name}` first, then restart",
+            )
+        production = [r for r in store.revisions(name, states=set(RUNNING_STATES)) if r.branch is None]
+        starting = [r for r in production if r.state is RevisionState.STARTING]
+        if starting:
+            raise APIError(
+                409,
+                f"{starting[0].id} of {name} is starting: wait until it serves (or fails), then restart",
+            )
+        active = [r for r in production if r.state is RevisionState.ACTIVE]
+        if not active:
+            raise APIError(409, f"{name} has no serving revision to restart: `clearway deploy` it first")
+        base = active[0]
+        async with builder.artifact_lock:
+            revision = same_artifact(base)
+        note(request, detail=f"{base.id} replaced by {revision.id} (same code)")
+        reconciler.poke()
+        return {"app": name, "revision": revision.id, "restarts": base.id, "state": revision.state.value}
 
     @api.get("/v1/apps/{name}/rollout", dependencies=auth, tags=["rollouts"])
     async def get_rollout(name: str, limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:

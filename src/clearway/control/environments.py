@@ -271,8 +271,9 @@ def has_granian(pins: list[str]) -> bool:
 
 
 def _fallback_line(reason: str) -> str:
-    because = next((line.strip() for line in reason.splitlines() if "ecause" in line), "")
-    short = (because or reason.strip().splitlines()[-1] if reason.strip() else "").strip()
+    """One line for the deploy's output; uv's reason is many ("Because …" is the gist)."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    short = next((line for line in lines if "ecause" in line), lines[-1] if lines else "")
     if len(short) > 240:
         short = short[:237] + "..."
     return (
