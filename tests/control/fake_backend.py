@@ -17,6 +17,7 @@ from clearway.backends.base import (
     ComponentObservation,
     DesiredState,
     ReplicaInfo,
+    ReplicaStart,
     RevisionObservation,
     TrafficSample,
 )
@@ -70,6 +71,9 @@ class FakeBackend:
 
     def replicas(self, app: str) -> list[ReplicaInfo]:
         return []
+
+    def last_starts(self, app: str) -> Mapping[tuple[str, str], ReplicaStart]:
+        return {}
 
     def urls(self, spec: AppSpec, *, branch: str | None = None, commit: str | None = None) -> list[str]:
         if branch is None and commit is None:

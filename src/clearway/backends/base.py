@@ -148,6 +148,23 @@ class ReplicaInfo:
 
 
 @dataclass(frozen=True)
+class ReplicaStart:
+    """The start-up of one replica process, kept after the process ends (a function
+    scaled to zero still shows how its last cold start went)."""
+
+    replica: str
+    how: str
+    """"fork" (from a warm parent) or "spawn" (a new interpreter)."""
+    launch_ms: float
+    """Milliseconds the fork or spawn took."""
+    ready_ms: float
+    """Milliseconds from the launch to its first passed readiness probe."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"replica": self.replica, "how": self.how, "launch_ms": self.launch_ms, "ready_ms": self.ready_ms}
+
+
+@dataclass(frozen=True)
 class TrafficSample:
     """One reading of a revision's request counters at the gateway.
 
@@ -285,6 +302,10 @@ class Backend(Protocol):
         """Readiness per revision that the backend runs."""
 
     def replicas(self, app: str) -> list[ReplicaInfo]: ...
+
+    def last_starts(self, app: str) -> Mapping[tuple[str, str], ReplicaStart]:
+        """The newest start-up of each ``(revision, component)`` of ``app`` since the
+        backend started, also of replicas that have since stopped."""
 
     def urls(self, spec: AppSpec, *, branch: str | None = None, commit: str | None = None) -> list[str]:
         """Public URLs of an app; of a preview of ``branch`` and/or of a ``commit`` when given."""

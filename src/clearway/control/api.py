@@ -1042,15 +1042,7 @@ def functions_api(
         counts = store.invocation_counts(name)
         marks = store.schedule_marks()
         # The newest start-up of each function's replicas: how, and how long (clearway.backends).
-        starts: dict[str, dict[str, Any]] = {}
-        for replica in backend.replicas(name):
-            if replica.revision == active.id and replica.start_ms is not None:
-                starts[replica.component] = {
-                    "replica": replica.id,
-                    "how": replica.started_by,
-                    "launch_ms": replica.launch_ms,
-                    "ready_ms": replica.start_ms,
-                }
+        starts = {comp: start for (rev, comp), start in backend.last_starts(name).items() if rev == active.id}
         views = []
         for fn in active.spec.functions:
             seen = observed.components.get(fn.name) if observed else None
@@ -1071,7 +1063,7 @@ def functions_api(
                     "retries": fn.retries,
                     "desired": seen.desired if seen else 0,
                     "ready": seen.ready if seen else 0,
-                    "last_start": starts.get(fn.name),
+                    "last_start": starts[fn.name].to_json() if fn.name in starts else None,
                     "invocations": {s.value: counts.get(fn.name, {}).get(s.value, 0) for s in InvocationState},
                     # The autoscaler's view: replicas wanted, in flight, held, idle time, decisions.
                     "scaling": autoscaler.status(active.id, fn.name) if autoscaler is not None else None,

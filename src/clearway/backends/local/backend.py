@@ -47,6 +47,7 @@ from clearway.backends.base import (
     ComponentObservation,
     DesiredState,
     ReplicaInfo,
+    ReplicaStart,
     RevisionObservation,
     TrafficSample,
     Workload,
@@ -618,6 +619,9 @@ class LocalBackend:
                 )
             )
         return infos
+
+    def last_starts(self, app: str) -> Mapping[tuple[str, str], ReplicaStart]:
+        return self._startups.last(app)
 
     def urls(self, spec: AppSpec, *, branch: str | None = None, commit: str | None = None) -> list[str]:
         port = "" if self.config.gateway_port == 80 else f":{self.config.gateway_port}"

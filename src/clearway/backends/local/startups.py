@@ -13,13 +13,17 @@ runtime's, and they are recorded here, from the supervisor's reports, so that
     process) or ``init`` (from then until its first readiness probe passed:
     the app's and the server's start-up, and the probe).
 
-Each process start is observed once, when it first becomes ready.
+Each process start is observed once, when it first becomes ready. The newest
+start of each revision's component is also kept as a `ReplicaStart`, for
+``clearway functions``: a function scaled to zero has no replica left to ask.
+Both live in memory: a restarted control plane starts them afresh.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from clearway.backends.base import ReplicaStart
 from clearway.runtime import ReplicaSpec, ReplicaStatus
 
 __all__ = ["StartupMetrics"]
@@ -38,6 +42,7 @@ class StartupMetrics:
             buckets=BUCKETS,
             registry=self._registry,
         )
+        self._last: dict[tuple[str, str, str], ReplicaStart] = {}
 
     def observe(self, spec: ReplicaSpec | None, status: ReplicaStatus) -> None:
         """Record the start of ``status``'s process (call once, when it is first ready)."""
@@ -47,6 +52,16 @@ class StartupMetrics:
         launch = status.launch_seconds or 0.0
         self._seconds.labels(*labels, "launch").observe(launch)
         self._seconds.labels(*labels, "init").observe(max(0.0, status.start_seconds - launch))
+        self._last[(spec.app, spec.revision, spec.component)] = ReplicaStart(
+            replica=spec.replica_id,
+            how=status.started_by or "spawn",
+            launch_ms=round(launch * 1000, 2),
+            ready_ms=round(status.start_seconds * 1000, 2),
+        )
+
+    def last(self, app: str) -> dict[tuple[str, str], ReplicaStart]:
+        """The newest start of each ``(revision, component)`` of ``app``."""
+        return {(rev, comp): start for (a, rev, comp), start in self._last.items() if a == app}
 
     def exposition(self) -> str:
         return generate_latest(self._registry).decode()
