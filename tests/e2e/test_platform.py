@@ -217,7 +217,7 @@ def test_a_gateway_worker_killed_under_load_fails_only_its_own_requests(shared: 
     [
         ("import no_such_module_anywhere\n", "ModuleNotFoundError"),
         (
-            '@app.service(replicas=1, public=True, health="/healthz", startup_timeout=3)\n'
+            '@app.service(replicas=1, public=True, health="/healthz", startup_timeout=10)\n'
             "def web():\n    raise RuntimeError('database password missing')\n",
             "RuntimeError: database password missing",
         ),
@@ -553,7 +553,9 @@ def test_a_revision_the_data_plane_never_confirms_fails_and_is_never_made_active
     project = write_app(tmp_path / "demo", asgi_app("good", replicas=1))
     platform.cli("deploy", str(project))
     gateway_pid = int(json.loads((platform.home / "gateway.json").read_text())["pid"])
-    write_app(project, asgi_app("never served", replicas=1).replace("health=\"/healthz\"", "health=\"/healthz\", startup_timeout=2"))
+    # 6 s: time for the replica to become ready on a loaded machine (it must, for the
+    # data plane's confirmation to be what is missing); the deploy fails 5 s after that.
+    write_app(project, asgi_app("never served", replicas=1).replace("health=\"/healthz\"", "health=\"/healthz\", startup_timeout=6"))
     # A frozen gateway loads no route table: the new revision's replicas become
     # ready, but no table that serves them is ever confirmed.
     os.kill(gateway_pid, signal.SIGSTOP)
