@@ -202,3 +202,39 @@ def test_a_failing_smoke_check_rolls_back_before_any_traffic(platform: Platform,
     assert newest["state"] == "rolled back", newest
     assert "home_page_says_hello" in newest["reason"] and "goodbye" in newest["reason"], newest
     assert only(platform, "smoky", "hello", 20) == {(200, "hello")}
+
+
+def test_a_sticky_rollout_keeps_each_browser_on_one_side(platform: Platform, tmp_path: Path) -> None:
+    # A step that lasts: the split stays at 50/50 while the browsers look.
+    policy = {**POLICY, "min_duration": 600, "sticky": True}
+    platform.cli("deploy", str(project(tmp_path / "v1", "sticky", "v1", policy=policy)))
+    deploy_canary(platform, project(tmp_path / "v2", "sticky", "v2", policy=policy))
+    url, host = f"http://127.0.0.1:{platform.port}/", {"host": "sticky.localhost"}
+    # Clients without a cookie jar keep the per-request split (so each request here is a new client).
+    deadline = time.monotonic() + 30
+    while {httpx.get(url, headers=host, timeout=30).text for _ in range(20)} != {"v1", "v2"}:
+        assert time.monotonic() < deadline, "the gateway never split the traffic"
+
+    revision_of = {"v1": "sticky-1", "v2": "sticky-2"}
+    browsers: dict[str, list[httpx.Client]] = {"v1": [], "v2": []}
+    try:
+        # 16 browsers at 50/50: both sides get some (all on one side: p = 2**-15).
+        for _ in range(16):
+            browser = httpx.Client(headers=host, timeout=30)
+            first = browser.get(url)
+            side = first.text
+            assert first.headers["set-cookie"] == f"clearway-revision={revision_of[side]}; Path=/; HttpOnly; SameSite=Lax"
+            assert {browser.get(url).text for _ in range(5)} == {side}
+            browsers[side].append(browser)
+        assert browsers["v1"] and browsers["v2"], {k: len(v) for k, v in browsers.items()}
+
+        # The rollout ends: the canary's cookie is stale, and its browsers go back to the stable.
+        platform.cli("rollout", "abort", "sticky")
+        deadline = time.monotonic() + 30
+        while {httpx.get(url, headers=host, timeout=30).text for _ in range(20)} != {"v1"}:
+            assert time.monotonic() < deadline, "the stable never took all the traffic back"
+        for browser in browsers["v2"]:
+            assert {browser.get(url).text for _ in range(3)} == {"v1"}
+    finally:
+        for browser in browsers["v1"] + browsers["v2"]:
+            browser.close()

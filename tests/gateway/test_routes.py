@@ -47,6 +47,15 @@ def test_a_route_may_name_its_component() -> None:
     assert RouteTable.from_json(table.to_json()) == table
 
 
+def test_a_public_route_may_be_sticky() -> None:
+    data = json.loads(json.dumps(EXAMPLE))
+    assert RouteTable.from_json(data).routes[0].sticky is False
+    data["routes"][0]["sticky"] = True
+    table = RouteTable.from_json(data)
+    assert table.routes[0].sticky is True
+    assert RouteTable.from_json(table.to_json()) == table
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -58,6 +67,11 @@ def test_a_route_may_name_its_component() -> None:
         ({"routes": [{"app": "a", "host": "a", "targets": [{"revision": "r", "weight": 1, "endpoints": ["unix:/" + "a" * 107]}]}]}, "longer than 107 bytes"),
         ({"routes": [{"app": "a", "host": "a", "component": 3, "targets": []}]}, r"routes\[0\]\.component must be a string"),
         ({"routes": [{"app": "a", "host": "a", "component": "web\nx", "targets": []}]}, "must be a component name"),
+        ({"routes": [{"app": "a", "host": "a", "sticky": "yes", "targets": []}]}, r"routes\[0\]\.sticky must be true or false"),
+        (
+            {"routes": [{"app": "a", "host": "a", "internal": True, "sticky": True, "targets": []}]},
+            "sticky is only meaningful on a public route",
+        ),
     ],
 )
 def test_refuses_bad_tables_with_a_clear_error(patch: dict[str, object], message: str) -> None:

@@ -69,7 +69,7 @@ async def test_weighted_split_and_header_pin(
     for _ in range(200):
         r = await client.get(f"{gw.url}/", headers={"host": "hello.localhost"})
         seen[r.json()["replica"]] += 1
-    assert 120 <= seen["r1"] <= 190, seen  # 160 expected
+    assert 120 <= seen["r1"] <= 190, seen  # 160 expected: a split route is not sticky unless asked
     pin = {"x-clearway-revision": "hello-3", "x-clearway-pin-token": issuer.pin("hello", "hello-3")}
     for _ in range(5):
         r = await client.get(f"{gw.url}/", headers={"host": "hello.localhost", **pin})
@@ -147,6 +147,50 @@ async def test_a_stale_cookie_falls_back_to_the_split(
         assert r.status_code == 200 and r.json()["replica"] == "r1", cookie
         assert ["cookie", cookie] in r.json()["headers"]
     assert replica2.control.requests == []
+
+
+async def test_a_split_route_keeps_a_browser_on_the_revision_it_got(
+    replica: Replica, replica2: Replica, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A sticky rollout's answers set the pin cookie; a cookie jar then stays on one side."""
+    issuer = TokenIssuer()
+    split = {
+        "app": "hello", "host": "hello", "sticky": True,
+        "targets": [
+            {"revision": "hello-1", "weight": 50, "endpoints": [replica.address]},
+            {"revision": "hello-2", "weight": 50, "endpoints": [replica2.address]},
+            {"revision": "hello-3", "weight": 0, "endpoints": [replica2.address]},
+        ],
+    }
+    gw = await start_gateway(identity_key=issuer.write_public_key(tmp_path / "signing.pub.pem"), routes=table(split))
+    revision_of = {"r1": "hello-1", "r2": "hello-2"}
+
+    # Each new browser (cookie jar) is told the revision that answered it, and stays there.
+    sides = set()
+    for _ in range(12):
+        async with httpx.AsyncClient(headers={"host": "hello.localhost"}) as browser:
+            first = await browser.get(f"{gw.url}/")
+            side = revision_of[first.json()["replica"]]
+            assert first.headers.get_list("set-cookie") == [f"clearway-revision={side}; Path=/; HttpOnly; SameSite=Lax"]
+            for _ in range(5):
+                again = await browser.get(f"{gw.url}/")
+                assert revision_of[again.json()["replica"]] == side
+                assert "set-cookie" not in again.headers  # it already has it
+            sides.add(side)
+    assert sides == {"hello-1", "hello-2"}  # 12 browsers at 50/50: both sides (fails with p = 2**-11)
+
+    async with httpx.AsyncClient(headers={"host": "hello.localhost"}) as plain:
+        # A stale cookie (a rolled-back canary) is replaced by the revision that answers now.
+        stale = await plain.get(f"{gw.url}/", headers={"cookie": "clearway-revision=hello-3"})
+        assert stale.headers["set-cookie"].startswith(f"clearway-revision={revision_of[stale.json()['replica']]};")
+        # A header pin is the client's own choice: nothing is set.
+        pinned = await plain.get(f"{gw.url}/", headers={"x-clearway-revision": "hello-2"})
+        assert pinned.json()["replica"] == "r2" and "set-cookie" not in pinned.headers
+
+        # Without a split there is nothing to stick to.
+        gw.reload(table({**split, "targets": [{**split["targets"][0], "weight": 100}]}, generation=2))
+        single = await plain.get(f"{gw.url}/")
+        assert single.status_code == 200 and "set-cookie" not in single.headers
 
 
 @pytest.mark.timeout(20)

@@ -81,6 +81,9 @@ class DesiredState:
     #: The app's production traffic, by app (its own host and ``/_apps/<app>/...``).
     traffic: Mapping[str, list[TrafficTarget]] = field(default_factory=dict)
     aliases: list[HostAlias] = field(default_factory=list)
+    #: Apps whose production traffic is split by a rollout with sticky sessions
+    #: (``CanaryPolicy.sticky``): the data plane keeps each browser on one side.
+    sticky: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,8 @@ class Reconciler:
         self.sharded_services = frozenset(
             (r.app, s.name) for r in running for s in r.spec.services if s.shards and s.affinity
         )
-        return DesiredState(workloads=workloads, traffic=traffic, aliases=aliases)
+        sticky = frozenset(app for app, rollout in rollouts.items() if rollout.policy.sticky)
+        return DesiredState(workloads=workloads, traffic=traffic, aliases=aliases, sticky=sticky)
 
     def replicas_wanted(self, revision: Revision, app: AppRecord | None) -> dict[str, int]:
         """`replicas_for`, with the autoscaler's count for every function."""

@@ -60,6 +60,11 @@ HTTP decisions worth knowing:
   naming one is ignored (the normal split picks), so a stale cookie after a
   rollback never breaks browsing.  The Cookie header reaches the app
   unchanged, and costs a parse only when it contains ``clearway-revision=``.
+  A public route may be ``sticky`` (a rollout whose policy asks for it):
+  while it splits its traffic, an app's answer to a request that named no
+  revision sets that cookie to the revision that answered, so a browser stays
+  on one side for its session instead of flipping between versions on every
+  click.  Clients without cookies keep the per-request split.
 * A request with two ``Host`` headers (or two of the trust headers) gets a
   400: a proxy that routes by one while the app reads the other can be made
   to send a request where its checks did not look.
@@ -174,6 +179,11 @@ _RETRY_SOON = b"retry-after: 1\r\n"
 _DEFAULT_PIN = b"x-clearway-revision"
 #: What a Cookie header must contain to be parsed for a pin (most never are).
 _PIN_COOKIE_MARK = b"clearway-revision="
+#: Set on a sticky split route's answers to a request that named no revision: the
+#: browser stays on the revision it got for the rest of its session (a session
+#: cookie, HttpOnly: scripts have no use for it).
+_STICKY_COOKIE = b"set-cookie: clearway-revision="
+_STICKY_ATTRIBUTES = b"; Path=/; HttpOnly; SameSite=Lax\r\n"
 _WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="clearway"\r\n'
 _RESPONSE_SPECIAL = frozenset(
     {
@@ -295,6 +305,7 @@ class ClientConnection(asyncio.Protocol):
         "_started",
         "_state",
         "_stats",
+        "_sticky",
         "_target",
         "_task",
         "_transport",
@@ -346,6 +357,8 @@ class ClientConnection(asyncio.Protocol):
         self._endpoint: Endpoint | None = None
         #: The shard of the request's key on a route with key affinity; -1: none.
         self._shard = -1
+        #: The response sets the pin cookie: a sticky split, and the request named no revision.
+        self._sticky = False
         #: The replica that answered, for the access log (the endpoint is released first).
         self._upstream_address = ""
         self._upstream: UpstreamConnection | None = None
@@ -698,6 +711,8 @@ class ClientConnection(asyncio.Protocol):
             pinned = cookie_pin(pin_cookie)
             if pinned is not None and route.weighted_target(pinned) is None:
                 pinned = None  # stale (rolled back) or never ours: the normal split picks
+        if pinned is None and route.sticky:
+            self._sticky = True
         target = route.pick_target(pinned)
         if route.internal:
             caller = check_caller(self._ctx.verifier, identity, route.allow, route.description)
@@ -975,6 +990,8 @@ class ClientConnection(asyncio.Protocol):
         if connection is not None and connection.lower() not in _CONNECTION_PLAIN:
             kept = kept[:3] + _drop_connection_listed(kept[3:], connection)
         kept += (b"x-request-id: ", self._request_id, b"\r\n")
+        if self._sticky and self._target is not None:
+            kept += (_STICKY_COOKIE, self._target.revision.encode("latin-1"), _STICKY_ATTRIBUTES)
         if self._shard >= 0:
             kept.append(b"x-clearway-shard: %d\r\n" % self._shard)
         self._resp_started = True

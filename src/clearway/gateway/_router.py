@@ -89,6 +89,7 @@ class BoundRoute:
         "prefix",
         "route",
         "shards",
+        "sticky",
         "strip_prefix",
         "targets",
         "timeout",
@@ -109,6 +110,8 @@ class BoundRoute:
         self.targets = targets
         self._weighted = [t for t in targets if t.weight > 0]
         self._weighted_by_name = {t.revision: t for t in self._weighted}
+        #: Answers set the pin cookie: the route asks for it and splits its traffic now.
+        self.sticky = route.sticky and len(self._weighted) > 1
         self._cumulative = list(accumulate(t.weight for t in self._weighted))
         self._total = self._cumulative[-1] if self._cumulative else 0
         self._rng = rng

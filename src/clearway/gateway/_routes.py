@@ -137,6 +137,10 @@ class Route:
     shards: int = 0
     affinity: Affinity | None = None
     owners: Mapping[int, str] = field(default_factory=dict)
+    #: While more than one target has weight, an answer to a request that named no
+    #: revision sets the ``clearway-revision`` cookie (a rollout with sticky sessions).
+    #: Only for public routes.
+    sticky: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +211,7 @@ class RouteTable:
                         if r.internal
                         else {}
                     ),
+                    **({"sticky": True} if r.sticky else {}),
                     "targets": [
                         {"revision": t.revision, "weight": t.weight, "endpoints": list(t.endpoints)}
                         for t in r.targets
@@ -257,6 +262,11 @@ def _route(data: Any, where: str) -> Route:
         raise RoutesError(f"{where}.internal must be true or false")
     if "allow" in data and not internal:
         raise RoutesError(f"{where}.allow is only meaningful on an internal route (\"internal\": true)")
+    sticky = data.get("sticky", False)
+    if not isinstance(sticky, bool):
+        raise RoutesError(f"{where}.sticky must be true or false")
+    if sticky and internal:
+        raise RoutesError(f"{where}.sticky is only meaningful on a public route (browsers carry the cookie)")
     allow = tuple(
         _allow(a, f"{where}.allow[{i}]") for i, a in enumerate(_list(data.get("allow", []), f"{where}.allow"))
     )
@@ -287,6 +297,7 @@ def _route(data: Any, where: str) -> Route:
         shards=shards,
         affinity=affinity,
         owners=owners,
+        sticky=sticky,
     )
 
 

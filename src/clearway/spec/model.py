@@ -397,6 +397,12 @@ class CanaryPolicy(_Strict):
     """... plus this many seconds."""
     max_p99: Annotated[float, Field(gt=0, le=3600)] | None = None
     """An absolute bound on the canary's p99 in seconds (also when the stable has no data)."""
+    sticky: bool = False
+    """Keep each browser on the revision it first got (a ``clearway-revision`` session
+    cookie) rather than splitting its every request, so a user does not flip between
+    versions mid-session. Off by default: every client with a cookie jar (``httpx.Client``,
+    ``requests.Session``) sticks too, so when a few clients send most of the requests the
+    canary's share of requests can stray far from the step's percent."""
 
     @field_validator("steps")
     @classmethod

@@ -440,9 +440,9 @@ class LocalBackend:
 
     def _build_routes(self, desired: DesiredState) -> list[dict[str, Any]]:
         routes: dict[tuple[str, str], dict[str, Any]] = {}
-        hosts = [(app, app, targets) for app, targets in sorted(desired.traffic.items())]
-        hosts += [(a.app, f"{a.label}.{a.app}", a.targets) for a in desired.aliases]
-        for app, host, targets in hosts:
+        hosts = [(app, app, targets, app in desired.sticky) for app, targets in sorted(desired.traffic.items())]
+        hosts += [(a.app, f"{a.label}.{a.app}", a.targets, False) for a in desired.aliases]
+        for app, host, targets, sticky in hosts:
             for target in targets:
                 workload = self._workloads.get(target.revision)
                 if workload is None:
@@ -461,6 +461,7 @@ class LocalBackend:
                             "pin_header": PIN_HEADER,
                             **service.labels,
                             **self._affinity(app, service),
+                            **({"sticky": True} if sticky else {}),
                             "targets": [],
                         },
                     )
