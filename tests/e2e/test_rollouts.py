@@ -238,3 +238,24 @@ def test_a_sticky_rollout_keeps_each_browser_on_one_side(platform: Platform, tmp
     finally:
         for browser in browsers["v1"] + browsers["v2"]:
             browser.close()
+
+
+def test_a_restart_and_a_configuration_change_can_go_out_as_canaries(platform: Platform, tmp_path: Path) -> None:
+    platform.cli("deploy", str(project(tmp_path / "v1", "fresh", "v1")))
+
+    restarted = platform.cli("restart", "fresh", "--canary")
+    assert "canary rollout: 50% → 100%" in restarted.stderr, restarted
+    assert "fresh-2 is a canary at 50%" in restarted.stdout, restarted
+    ended, _ = drive_until(platform, "fresh", "promoted")
+    assert (ended["canary"], ended["stable"]) == ("fresh-2", "fresh-1"), ended
+    revisions = {r["id"]: r for r in platform.status("fresh")["revisions"]}
+    assert revisions["fresh-2"]["artifact"] == revisions["fresh-1"]["artifact"], revisions
+
+    changed = platform.cli("config", "set", "fresh", "GREETING=hi", "--canary")
+    assert "fresh-3 is a canary at 50%" in changed.stdout, changed
+    platform.cli("rollout", "abort", "fresh")
+    assert rollout(platform, "fresh")["history"][0]["state"] == "aborted"
+    assert platform.status("fresh")["active_revision"] == "fresh-2"
+
+    refused = platform.cli("config", "set", "fresh", "GREETING=hi", "--canary", "--preview", check=False)
+    assert refused.returncode == 1 and "previews take a change at once" in refused.stderr, refused

@@ -267,14 +267,26 @@ def deploy(
     if as_json:
         print_json({"revision": revision, "urls": app["urls"], "rollout": app.get("rollout")})
         return
+    print_serving(revision, app.get("rollout"), canary=canary)
+    for url in app["urls"]:
+        out.print(f"  {url}")
+
+
+def print_serving(revision: dict[str, Any], rollout: dict[str, Any] | None, *, canary: bool) -> None:
+    """The last line of a command that waited for a new revision: serving, or a canary's first step."""
     if revision["state"] == "canary":
-        out.print(f"[green]✓[/] {rich_escape(render.canary_outcome(revision, app.get('rollout')))}", markup=True)
+        out.print(f"[green]✓[/] {rich_escape(render.canary_outcome(revision, rollout))}", markup=True)
     elif canary:
         out.print(f"[green]✓[/] {revision['id']} is serving (no stable revision to compare it with: served directly)")
     else:
         out.print(f"[green]✓[/] {revision['id']} is serving")
-    for url in app["urls"]:
-        out.print(f"  {url}")
+
+
+def wait_for_canary(client: Client, rev_id: str) -> None:
+    """Wait for a canary revision and say where its rollout is."""
+    revision = wait_for_revision(client, rev_id)
+    app = client.request("GET", f"/v1/apps/{revision['app']}")
+    print_serving(revision, app.get("rollout"), canary=True)
 
 
 def wait_for_revision(client: Client, rev_id: str) -> dict[str, Any]:
@@ -426,19 +438,25 @@ def rollback(ctx: click.Context, app: str, revision: str | None) -> None:
 
 @cli.command()
 @click.argument("app")
+@click.option("--canary", is_flag=True, help="Go out as a canary rollout (the app's canary policy), as deploy --canary does.")
 @click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
 @click.pass_context
 @run_command
-def restart(ctx: click.Context, app: str, no_wait: bool) -> None:
+def restart(ctx: click.Context, app: str, canary: bool, no_wait: bool) -> None:
     """Replace every replica of APP with a fresh process, without downtime.
 
     A new revision of the same code starts beside the serving one and takes the
     traffic once ready, as a deploy does; the old replicas then drain.
     """
     client = client_of(ctx)
-    accepted = client.request("POST", f"/v1/apps/{app}/restart")
+    accepted = client.request("POST", f"/v1/apps/{app}/restart", json={"canary": canary})
+    err.print(f"revision [bold]{accepted['revision']}[/] accepted: the same code as {accepted['restarts']}", markup=True)
+    if accepted.get("canary"):
+        err.print(render.plan_line(accepted["canary"]), markup=False)
     if no_wait:
-        out.print(f"{accepted['revision']} accepted; it replaces {accepted['restarts']} once ready")
+        return
+    if canary:
+        wait_for_canary(client, accepted["revision"])
         return
     wait_for_revision(client, accepted["revision"])
     out.print(f"[green]✓[/] {app} restarted: {accepted['revision']} replaces {accepted['restarts']} (same code)")
@@ -551,6 +569,9 @@ def config() -> None:
 
 
 _PREVIEW = click.option("--preview", is_flag=True, help="The previews' configuration, not production's.")
+_CANARY = click.option(
+    "--canary", is_flag=True, help="The new revision goes out as a canary rollout, as deploy --canary does."
+)
 
 
 def _scope(preview: bool) -> dict[str, str]:
@@ -589,9 +610,12 @@ def config_show(ctx: click.Context, app: str, as_json: bool, preview: bool) -> N
 @click.option("--secret", is_flag=True, help="Values never shown again (by config, status, the API or the audit log).")
 @click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
 @_PREVIEW
+@_CANARY
 @click.pass_context
 @run_command
-def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: bool, no_wait: bool, preview: bool) -> None:
+def config_set(
+    ctx: click.Context, app: str, pairs: tuple[str, ...], secret: bool, no_wait: bool, preview: bool, canary: bool
+) -> None:
     """Set configuration of APP; its serving code restarts with it."""
     values: dict[str, str] = {}
     for index, item in enumerate(pairs, start=1):
@@ -599,7 +623,7 @@ def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: boo
         if not sep:
             fail(f"argument #{index} has no '=': write it as KEY=VALUE")
         values[key] = value
-    _change_config(ctx, app, {"set": values, "secret": secret}, no_wait=no_wait, preview=preview)
+    _change_config(ctx, app, {"set": values, "secret": secret, "canary": canary}, no_wait=no_wait, preview=preview)
 
 
 @config.command("unset")
@@ -607,11 +631,12 @@ def config_set(ctx: click.Context, app: str, pairs: tuple[str, ...], secret: boo
 @click.argument("keys", nargs=-1, required=True, metavar="KEY...")
 @click.option("--no-wait", is_flag=True, help="Return once the new revision is accepted.")
 @_PREVIEW
+@_CANARY
 @click.pass_context
 @run_command
-def config_unset(ctx: click.Context, app: str, keys: tuple[str, ...], no_wait: bool, preview: bool) -> None:
+def config_unset(ctx: click.Context, app: str, keys: tuple[str, ...], no_wait: bool, preview: bool, canary: bool) -> None:
     """Remove configuration of APP; its serving code restarts without it."""
-    _change_config(ctx, app, {"unset": list(keys)}, no_wait=no_wait, preview=preview)
+    _change_config(ctx, app, {"unset": list(keys), "canary": canary}, no_wait=no_wait, preview=preview)
 
 
 def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_wait: bool, preview: bool) -> None:
@@ -642,7 +667,12 @@ def _change_config(ctx: click.Context, app: str, change: dict[str, Any], *, no_w
             out.print(f"stored; {app} has no serving revision: the next `clearway deploy` uses it")
         return
     err.print(f"revision{'s' if len(made) > 1 else ''} [bold]{', '.join(made)}[/] accepted", markup=True)
+    if result.get("canary"):
+        err.print(render.plan_line(result["canary"]), markup=False)
     if no_wait:
+        return
+    if change.get("canary"):
+        wait_for_canary(client, made[0])
         return
     for rev_id in made:
         wait_for_revision(client, rev_id)

@@ -125,6 +125,13 @@ class ConfigChange(BaseModel):
     ] = Field(default_factory=dict)
     unset: Annotated[list[str], Field(max_length=1000)] = Field(default_factory=list)
     secret: bool = False
+    #: The new production revision goes out as a canary rollout, like ``deploy --canary``.
+    canary: bool = False
+
+
+class RestartRequest(BaseModel):
+    #: The replacement goes out as a canary rollout, like ``deploy --canary``.
+    canary: bool = False
 
 
 class PinTokenRequest(BaseModel):
@@ -563,7 +570,7 @@ def create_api(
             need_app(name)
         return {"app": name, "scope": scope.value, "config": [e.to_json() for e in entries]}
 
-    def same_artifact(base: Revision) -> Revision:
+    def same_artifact(base: Revision, *, canary: bool = False) -> Revision:
         """A new revision of ``base``'s code, environment, interpreter and spec, on the
         same track, under the app's configuration as it is now. Call it under the
         builder's artifact lock: garbage collection must not delete that artifact meanwhile."""
@@ -576,6 +583,7 @@ def create_api(
             python=base.python,
             branch=base.branch,
             commit=base.commit,
+            canary=canary,
         )
 
     @api.post("/v1/apps/{name}/config", status_code=202, dependencies=auth, tags=["apps"])
@@ -594,6 +602,8 @@ def create_api(
         ``shadowed`` names the keys set here that it hides. With ``scope=preview``
         the change applies to previews: each running preview restarts with it
         (``revision`` is then the first of them, ``revisions`` lists them all).
+        With ``canary`` the production revision goes out as a rollout (``canary``
+        in the answer holds its plan), judged against the one it replaces.
         """
         for key, value in body.set_.items():
             check_env(key, value)
@@ -601,6 +611,8 @@ def create_api(
             check_env(key)
         if not body.set_ and not body.unset:
             raise APIError(422, "nothing to change: give keys to set (KEY=VALUE) or to unset")
+        if body.canary and scope is ConfigScope.PREVIEW:
+            raise APIError(422, "previews take a change at once, not as a canary: drop --canary or --preview")
         both = sorted(set(body.set_) & set(body.unset))
         if both:
             raise APIError(422, f"{', '.join(both)}: both set and unset in one change; do one or the other")
@@ -628,7 +640,7 @@ def create_api(
         # environment the new revision is being made from.
         async with builder.artifact_lock:
             store.change_config(name, set_=body.set_, unset=body.unset, secret=body.secret, scope=scope)
-            made = [same_artifact(base) for base in bases.values()]
+            made = [same_artifact(base, canary=body.canary) for base in bases.values()]
         if made:
             note(request, detail=f"{'; '.join(parts)}; revisions {', '.join(r.id for r in made)}")
             reconciler.poke()
@@ -640,6 +652,7 @@ def create_api(
             "revision": revision.id if revision else None,
             "revisions": [r.id for r in made],
             "state": revision.state.value if revision else None,
+            "canary": canary_plan(revision) if revision is not None and body.canary else None,
             "set": sorted(body.set_),
             "unset": sorted(body.unset),
             "shadowed": shadowed,
@@ -691,7 +704,7 @@ def create_api(
         return {"revision": target.id, "app": name, "state": RevisionState.STARTING.value}
 
     @api.post("/v1/apps/{name}/restart", status_code=202, dependencies=auth, tags=["apps"])
-    async def restart(request: Request, name: str) -> dict[str, Any]:
+    async def restart(request: Request, name: str, body: RestartRequest | None = None) -> dict[str, Any]:
         """Replace every replica of the serving revision, without downtime.
 
         The replacement is a new revision of the same code, environment and spec
@@ -704,7 +717,11 @@ def create_api(
 
         Refused while another revision is starting or a rollout runs: their end
         would decide which code the restart restarts. Poll ``GET /v1/revisions/{id}``.
+        With ``canary`` the replacement goes out as a rollout (``canary`` in the
+        answer holds its plan): replacing processes can matter too (a warmed cache,
+        a leaked resource), and the analysis compares the fresh ones with the old.
         """
+        canary = body is not None and body.canary
         need_app(name)
         if store.rollout(name) is not None:
             raise APIError(
@@ -724,10 +741,16 @@ def create_api(
             raise APIError(409, f"{name} has no serving revision to restart: `clearway deploy` it first")
         base = active[0]
         async with builder.artifact_lock:
-            revision = same_artifact(base)
-        note(request, detail=f"{base.id} replaced by {revision.id} (same code)")
+            revision = same_artifact(base, canary=canary)
+        note(request, detail=f"{base.id} replaced by {revision.id} (same code{', canary' if canary else ''})")
         reconciler.poke()
-        return {"app": name, "revision": revision.id, "restarts": base.id, "state": revision.state.value}
+        return {
+            "app": name,
+            "revision": revision.id,
+            "restarts": base.id,
+            "state": revision.state.value,
+            "canary": canary_plan(revision) if canary else None,
+        }
 
     @api.get("/v1/apps/{name}/rollout", dependencies=auth, tags=["rollouts"])
     async def get_rollout(name: str, limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
