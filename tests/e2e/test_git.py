@@ -258,6 +258,49 @@ def test_previews(platform: Platform, tmp_path: Path) -> None:
     assert platform.get("preview").text == "p1|preview-1"
 
 
+def test_an_app_may_choose_its_production_branch(platform: Platform, tmp_path: Path) -> None:
+    token = (platform.home / "token").read_text().strip()
+    assert platform.cli("production-branch", "rel").stdout.strip() == "main"
+    bad = platform.cli("production-branch", "rel", "no..dots", check=False)
+    assert bad.returncode == 1 and "not a valid git branch name" in bad.stderr, bad
+    # Chosen before the first push, like configuration.
+    chosen = platform.cli("production-branch", "rel", "release")
+    assert "pushes to release now go to rel's production (main pushes make previews)" in chosen.stdout, chosen
+    assert platform.cli("production-branch", "rel").stdout.strip() == "release"
+
+    repo = Repo(tmp_path / "work", platform, token=token, app="rel")
+    repo.commit("r1")
+    on_main = repo.push("main")
+    assert on_main.returncode == 0, on_main.stderr
+    assert "✓ rel-1 is serving preview main" in on_main.stderr, on_main.stderr
+    assert platform.get("main.rel").text == "r1|rel-1"
+    assert platform.get("rel").status_code == 404  # no production yet
+
+    repo.git("checkout", "-q", "-b", "release")
+    released = repo.push("release")
+    assert released.returncode == 0, released.stderr
+    assert platform.get("rel").text == "r1|rel-2"
+    deleting = repo.push(":release")
+    assert deleting.returncode != 0 and "refusing to delete release" in deleting.stderr
+    # A clone checks out the production branch.
+    head = subprocess.run(
+        ["git", "--git-dir", str(platform.home / "git" / "rel.git"), "symbolic-ref", "HEAD"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert head.stdout.strip() == "refs/heads/release", head
+
+    # Back to main: it takes effect at the next push, which goes to production.
+    platform.cli("production-branch", "rel", "main")
+    assert platform.get("rel").text == "r1|rel-2"  # nothing that runs changed
+    repo.git("checkout", "-q", "main")
+    repo.commit("r2")
+    again = repo.push("main")
+    assert again.returncode == 0, again.stderr
+    assert "goes out as a canary" in again.stderr, again.stderr
+    audit = platform.cli("audit", "--app", "rel", "--json").stdout
+    assert "release -> main" in audit and "main -> release" in audit
+
+
 def test_hook_sends_what_the_control_plane_reads() -> None:
     """The hook (standard library only) keeps its own copy of the rule: they agree."""
     zero, sha = git.ZERO_SHA, "a" * 40

@@ -730,6 +730,33 @@ def git_url(ctx: click.Context, app: str) -> None:
     sys.stdout.write(f"{info['api_url']}/git/{app}.git\n")
 
 
+@cli.command("production-branch")
+@click.argument("app")
+@click.argument("branch", required=False)
+@click.pass_context
+@run_command
+def production_branch(ctx: click.Context, app: str, branch: str | None) -> None:
+    """Show APP's production branch, or make BRANCH the one whose pushes go to production.
+
+    Pushes to it go out as canaries; every other branch is a preview. A change
+    applies from the next push and stops nothing that runs. Default: main.
+    """
+    client = client_of(ctx)
+    if branch is None:
+        found = client.request("GET", f"/v1/apps/{app}/production-branch")
+        out.print(found["branch"], markup=False)
+        return
+    changed = client.request("PUT", f"/v1/apps/{app}/production-branch", json={"branch": branch})
+    if changed["before"] == changed["branch"]:
+        out.print(f"{app}'s production branch is {branch} already", markup=False)
+        return
+    out.print(
+        f"[green]✓[/] pushes to {rich_escape(branch)} now go to {app}'s production "
+        f"({rich_escape(changed['before'])} pushes make previews); what serves now keeps serving until the next push",
+        markup=True,
+    )
+
+
 @cli.command()
 @click.argument("app")
 @click.option("--repository", metavar="URL", help="Build pushes and pull requests of this repository only (its clone URL; it may carry a read token). Default: the event's own repository, https only.")
@@ -739,8 +766,8 @@ def git_url(ctx: click.Context, app: str) -> None:
 def webhook(ctx: click.Context, app: str, repository: str | None, as_json: bool) -> None:
     """Create (or replace) APP's GitHub webhook and print what to paste into GitHub.
 
-    Pushes to main deploy as canaries, other branches and pull requests become
-    previews. The secret is shown only now; running this again makes a new one.
+    Pushes to the production branch (main, or `clearway production-branch`)
+    deploy as canaries, other branches and pull requests become previews. The secret is shown only now; running this again makes a new one.
     GitHub must be able to reach the payload URL: expose the API's
     /v1/webhooks/ path through a reverse proxy or tunnel.
     """

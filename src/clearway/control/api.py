@@ -97,6 +97,7 @@ from clearway.control.uploads import check_env, parse_env, receive
 from clearway.control.webhooks import GitHubWebhooks, WebhookRequest
 from clearway.coordination import Coordinator
 from clearway.exceptions import APIError
+from clearway.spec.ids import check_name
 from clearway.spec.model import json_schema
 
 log = logging.getLogger("clearway.control")
@@ -127,6 +128,10 @@ class ConfigChange(BaseModel):
     secret: bool = False
     #: The new production revision goes out as a canary rollout, like ``deploy --canary``.
     canary: bool = False
+
+
+class ProductionBranchRequest(BaseModel):
+    branch: Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class RestartRequest(BaseModel):
@@ -905,6 +910,26 @@ def create_api(
                 remote.push_stream(name, ref=ref, old=old, new=new, upload=upload, audit=audit_outcome),
                 media_type="text/plain; charset=utf-8",
             )
+
+        @api.get("/v1/apps/{name}/production-branch", dependencies=auth, tags=["git"])
+        async def get_production_branch(name: str) -> dict[str, Any]:
+            """The branch whose pushes go to the app's production (``main`` unless chosen)."""
+            return {"app": name, "branch": store.production_branch(name)}
+
+        @api.put("/v1/apps/{name}/production-branch", dependencies=auth, tags=["git"])
+        async def set_production_branch(request: Request, name: str, body: ProductionBranchRequest) -> dict[str, Any]:
+            """Choose the app's production branch, also before its first push.
+
+            It takes effect at the next push and stops nothing that runs (``control.git``).
+            """
+            try:
+                check_name(name, "app name")
+            except ValueError as exc:
+                raise APIError(422, str(exc)) from None
+            before = store.production_branch(name)
+            await remote.set_production_branch(name, body.branch)
+            note(request, app=name, detail=f"{before} -> {body.branch}")
+            return {"app": name, "branch": body.branch, "before": before}
 
         @api.get("/v1/apps/{name}/builds", dependencies=auth, tags=["apps"])
         async def list_builds(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> list[dict[str, Any]]:

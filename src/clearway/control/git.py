@@ -43,8 +43,9 @@ exit non-zero: git rejects the push, the ref does not move, and what served
 before still serves (a track's serving revision only ever changes to a
 revision that became ready).
 
-**Production goes out as a canary.** A push to the production branch
-(`PRODUCTION_BRANCH`) makes a revision with ``canary=True``: once ready it
+**Production goes out as a canary.** A push to the app's production branch
+(``main`` unless ``clearway production-branch APP BRANCH`` chose another,
+`Store.production_branch`) makes a revision with ``canary=True``: once ready it
 gets a share of the traffic beside the stable revision, step by step, while
 ``control.rollouts`` compares the two (the app's ``CanaryPolicy``). The push
 waits only until that rollout *starts* (the revision is ``CANARY``) and then
@@ -66,6 +67,13 @@ its URLs. Pushing the branch again replaces its preview the same way.
 Deleting the branch (``git push clearway :feature-x``) tears the preview down
 (`Store.end_branch`). Deleting the production branch is refused. Tags and
 other refs are accepted and stored without building anything.
+
+**Choosing another production branch** takes effect at the next push, and
+changes nothing that runs: what production serves stays until the new branch
+is pushed, a preview of the new branch stays a preview until then, and the
+old branch's next push makes a preview. It also points the repository's HEAD
+at the new branch, so a ``git clone`` checks it out. It waits for a push in
+progress (the app's build lock), which read the branch when it began.
 
 A push of several refs sends them one after the other; git's pre-receive
 hook is all or nothing, so one rejected ref rejects the whole push, but refs
@@ -121,7 +129,6 @@ from clearway.spec.ids import check_name
 from clearway.spec.model import AppSpec
 
 __all__ = [
-    "PRODUCTION_BRANCH",
     "ZERO_SHA",
     "GitRemote",
     "PushTokens",
@@ -132,8 +139,6 @@ __all__ = [
 
 log = logging.getLogger("clearway.control")
 
-#: The branch whose pushes go to production (as canaries); every other branch is a preview.
-PRODUCTION_BRANCH = "main"
 #: git's "no commit": the old value of a created ref, the new value of a deleted one.
 ZERO_SHA = "0" * 40
 #: The last line of a push's progress stream: the hook's exit status.
@@ -238,7 +243,8 @@ class GitRemote:
         """The app's bare repository, created on first use, with the hook (re)written."""
         path = self.repo(app)
         if not (path / "HEAD").is_file():
-            code, out = await self.run_git("init", "--bare", "--quiet", f"--initial-branch={PRODUCTION_BRANCH}", str(path))
+            initial = self.store.production_branch(app)
+            code, out = await self.run_git("init", "--bare", "--quiet", f"--initial-branch={initial}", str(path))
             if code != 0:
                 raise APIError(500, f"cannot create the repository of {app}: {out}")
         for key, value in (
@@ -259,6 +265,20 @@ class GitRemote:
             tmp.chmod(0o755)
             os.replace(tmp, hook)
         return path
+
+    async def set_production_branch(self, app: str, branch: str) -> None:
+        """Make ``branch`` the one whose pushes go to ``app``'s production (see the module
+        docstring); `APIError` 422 for a name git would not take as a branch."""
+        code, _ = await self.run_git("check-ref-format", "--branch", branch)
+        if code != 0 or branch.startswith("-") or branch != branch.strip():
+            raise APIError(422, f"{branch[:100]!r} is not a valid git branch name (see `git check-ref-format --help`)")
+        async with self.serialised(app, lambda _: None):
+            self.store.set_production_branch(app, branch)
+            path = self.repo(app)
+            if (path / "HEAD").is_file():
+                code, out = await self.run_git("--git-dir", str(path), "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+                if code != 0:
+                    log.warning("could not point %s's HEAD at %s: %s", app, branch, out)
 
     async def head(self, app: str, ref: str) -> str:
         """The commit ``ref`` points at in the app's repository (`ZERO_SHA`: none)."""
@@ -490,10 +510,10 @@ class GitRemote:
         if branch is None:
             say(f"{ref} {'deleted' if new == ZERO_SHA else 'stored'}; only branches (refs/heads/*) are built")
             return True
-        if new == ZERO_SHA and branch == PRODUCTION_BRANCH:
+        if new == ZERO_SHA and branch == self.store.production_branch(app):
             say(
-                f"refusing to delete {PRODUCTION_BRANCH}: it is what {app} serves. "
-                f"`clearway destroy {app}` removes the app"
+                f"refusing to delete {branch}: it is {app}'s production branch. Choose another first "
+                f"(`clearway production-branch {app} BRANCH`), or `clearway destroy {app}` removes the app"
             )
             return False
         if new != ZERO_SHA and upload is None:
@@ -547,7 +567,7 @@ class GitRemote:
         """Build, test and start the pushed commit of ``branch``: a canary of production,
         or that branch's preview. True once it serves (see the module docstring)."""
         number, new = build.number, build.new_sha
-        preview = branch != PRODUCTION_BRANCH
+        preview = branch != self.store.production_branch(app)
 
         def note(line: str) -> None:
             say(line)

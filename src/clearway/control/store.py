@@ -204,7 +204,15 @@ CREATE TABLE IF NOT EXISTS event_keys (
     last_used_at REAL
 );
 CREATE INDEX IF NOT EXISTS event_keys_app ON event_keys(app, created_at);
+CREATE TABLE IF NOT EXISTS production_branches (
+    app TEXT PRIMARY KEY,
+    branch TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
+
+#: The branch whose pushes go to production when an app has not chosen another.
+DEFAULT_PRODUCTION_BRANCH = "main"
 
 #: Joined into every revision query so a revision carries its app's uid.
 _REVISION_SELECT = (
@@ -785,10 +793,26 @@ class Store:
             scale[component] = replicas
             db.execute(f"UPDATE apps SET {column}=? WHERE name=?", (json.dumps(scale), app))
 
+    def production_branch(self, app: str) -> str:
+        """The branch whose pushes go to ``app``'s production (`DEFAULT_PRODUCTION_BRANCH` unless set)."""
+        with self._lock:
+            row = self._db.execute("SELECT branch FROM production_branches WHERE app=?", (app,)).fetchone()
+        return DEFAULT_PRODUCTION_BRANCH if row is None else str(row["branch"])
+
+    def set_production_branch(self, app: str, branch: str) -> None:
+        """Choose ``app``'s production branch (also before its first push, like configuration)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO production_branches(app, branch, updated_at) VALUES(?, ?, ?) "
+                "ON CONFLICT(app) DO UPDATE SET branch=excluded.branch, updated_at=excluded.updated_at",
+                (app, branch, time.time()),
+            )
+
     def delete_app(self, app: str) -> None:
-        """Forget the app: its revisions, rollouts, builds, events, webhook, event keys, invocations, schedules and configuration (secrets included)."""
+        """Forget the app: its revisions, rollouts, builds, events, webhook, event keys, invocations, schedules, production branch and configuration (secrets included)."""
         with self.transaction() as db:
             db.execute("DELETE FROM config WHERE app=?", (app,))
+            db.execute("DELETE FROM production_branches WHERE app=?", (app,))
             db.execute("DELETE FROM revisions WHERE app=?", (app,))
             db.execute("DELETE FROM events WHERE app=?", (app,))
             db.execute("DELETE FROM builds WHERE app=?", (app,))

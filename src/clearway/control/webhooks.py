@@ -88,7 +88,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.requests import Request
 
 from clearway.control.environments import NETWORK_VARIABLES
-from clearway.control.git import PRODUCTION_BRANCH, ZERO_SHA, GitRemote, branch_of
+from clearway.control.git import ZERO_SHA, GitRemote, branch_of
 from clearway.control.store import Build, BuildState, Store
 from clearway.control.uploads import MiB
 from clearway.exceptions import APIError
@@ -337,10 +337,10 @@ class GitHubWebhooks:
             return Delivery(202, {"message": f"{event.ref}: only branches are built; ignored"})
         url = self._source(hook, event.repository.clone_url, own=event.repository.clone_url)
         if event.deleted or event.after == ZERO_SHA:
-            if branch == PRODUCTION_BRANCH:
+            if branch == self.store.production_branch(hook.app):
                 return Delivery(
                     202,
-                    {"message": f"{PRODUCTION_BRANCH} was deleted on GitHub; {hook.app} keeps serving (`clearway destroy {hook.app}` removes it)"},
+                    {"message": f"{branch} was deleted on GitHub; {hook.app} keeps serving (`clearway destroy {hook.app}` removes it)"},
                 )
             return self._teardown(hook.app, branch, check=url)
         return await self._start(hook.app, branch=branch, commit=event.after, url=url, source_ref=event.ref)
@@ -387,7 +387,7 @@ class GitHubWebhooks:
     async def _start(self, app: str, *, branch: str, commit: str, url: str, source_ref: str) -> Delivery:
         ref = f"refs/heads/{branch}"
         build = self.store.create_build(app, ref=ref, old_sha=await self.remote.head(app, ref), new_sha=commit)
-        what = "production (canary)" if branch == PRODUCTION_BRANCH else "preview"
+        what = "production (canary)" if branch == self.store.production_branch(app) else "preview"
         self.store.update_build(
             app, build.number, log=f"GitHub: {source_ref} at {commit[:7]} of {_public(url)}: {branch}, {what}\n"
         )
