@@ -44,31 +44,26 @@ async def answers_503_then_hangs(tmp_path: Path) -> AsyncIterator[Path]:
         await server.wait_closed()
 
 
-async def test_a_probe_cut_short_by_the_deadline_does_not_hide_the_error_before_it(
-    answers_503_then_hangs: Path,
+@pytest.mark.parametrize(
+    ("startup_timeout", "probe_timeout", "last_error"),
+    [
+        # Every probe after the first is cut short: the deadline (0.5 s) comes before the
+        # probe timeout (5 s) would. Running out of time says nothing about the app.
+        (0.5, 5.0, "GET /healthz answered 503"),
+        # The second probe runs its whole 0.1 s and gets nothing: that is news about the
+        # app (it hangs now), so it replaces the 503.
+        (2.0, 0.1, "GET /healthz got no answer within 0.1s"),
+    ],
+    ids=["cut-short-by-the-deadline", "full-timeout"],
+)
+async def test_the_failure_reported_is_the_last_one_that_says_something_about_the_app(
+    answers_503_then_hangs: Path, startup_timeout: float, probe_timeout: float, last_error: str
 ) -> None:
-    # Every probe after the first is cut short: the deadline (0.5 s) comes before
-    # the probe timeout (5 s) would.
-    policy = ProbePolicy(readiness_interval=0.05, timeout=5.0)
+    policy = ProbePolicy(readiness_interval=0.05, timeout=probe_timeout)
     result = await probe_until_ready(
-        answers_503_then_hangs, "/healthz", startup_timeout=0.5, policy=policy
+        answers_503_then_hangs, "/healthz", startup_timeout=startup_timeout, policy=policy
     )
     assert not result.ok
     assert result.detail == (
-        "never answered GET /healthz within 0.5s; last error: GET /healthz answered 503"
-    )
-
-
-async def test_a_probe_that_runs_its_full_time_is_the_error_reported(
-    answers_503_then_hangs: Path,
-) -> None:
-    # The second probe runs its whole 0.1 s and gets nothing: that is news about the
-    # app (it hangs now), so it replaces the 503.
-    policy = ProbePolicy(readiness_interval=0.05, timeout=0.1)
-    result = await probe_until_ready(
-        answers_503_then_hangs, "/healthz", startup_timeout=2.0, policy=policy
-    )
-    assert not result.ok
-    assert result.detail == (
-        "never answered GET /healthz within 2s; last error: GET /healthz got no answer within 0.1s"
+        f"never answered GET /healthz within {startup_timeout:g}s; last error: {last_error}"
     )
