@@ -178,6 +178,38 @@ async def test_replicas_fork_from_one_warm_parent_and_each_becomes_its_own_proce
     assert "forked from the warm parent" in first.log_path.read_text()
 
 
+GRANIAN_APP = """
+import os
+import clearway as cw
+
+app = cw.App("t")
+
+@app.function(server="granian")
+def where() -> dict:
+    return {"pid": os.getpid(), "replica": os.environ["CLEARWAY_REPLICA_ID"]}
+"""
+
+
+async def test_a_function_on_granian_is_forked_and_served_by_granian(
+    forking: Supervisor, make_spec: SpecFactory
+) -> None:
+    """granian's Rust runtime must start in the forked child, never in the warm parent."""
+    first = function_spec(make_spec, GRANIAN_APP, component="where")
+    second = replica_of(first, 1)
+    for spec in (first, second):
+        await forking.start(spec)
+    one = await forking.wait_for(first.replica_id, ReplicaState.READY, within=30)
+    two = await forking.wait_for(second.replica_id, ReplicaState.READY, within=30)
+    assert (one.started_by, two.started_by) == ("fork", "fork")
+    a, b = await call(one.socket_path), await call(two.socket_path)
+    assert isinstance(a, dict) and isinstance(b, dict)
+    assert (a["replica"], b["replica"]) == (first.replica_id, second.replica_id) and a["pid"] != b["pid"]
+    for spec in (first, second):
+        await asyncio.wait_for(logged(spec.log_path, "serving with granian (ASGI)"), 10)
+    # Each answers again: the server keeps running after its first request.
+    assert await call(one.socket_path) == a and await call(two.socket_path) == b
+
+
 async def test_a_forked_replicas_exit_code_is_reported_and_it_is_forked_again(
     forking: Supervisor, status_log: StatusLog, make_spec: SpecFactory
 ) -> None:
