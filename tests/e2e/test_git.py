@@ -289,16 +289,19 @@ def test_an_app_may_choose_its_production_branch(platform: Platform, tmp_path: P
     )
     assert head.stdout.strip() == "refs/heads/release", head
 
-    # Back to main: it takes effect at the next push, which goes to production.
-    platform.cli("production-branch", "rel", "main")
-    assert platform.get("rel").text == "r1|rel-2"  # nothing that runs changed
+    # Back to main: main's preview is torn down (main could never be deleted to end it);
+    # production keeps serving until the next push of main, which goes out as a canary.
+    back = platform.cli("production-branch", "rel", "main")
+    assert "the preview of main (rel-1) is torn down" in back.stdout, back
+    wait_until(lambda: platform.get("main.rel").status_code == 404, what="main's preview host answering 404")
+    assert platform.get("rel").text == "r1|rel-2"
     repo.git("checkout", "-q", "main")
     repo.commit("r2")
     again = repo.push("main")
     assert again.returncode == 0, again.stderr
     assert "goes out as a canary" in again.stderr, again.stderr
     audit = platform.cli("audit", "--app", "rel", "--json").stdout
-    assert "release -> main" in audit and "main -> release" in audit
+    assert "release -> main; ended preview rel-1" in audit and "main -> release" in audit
 
 
 def test_hook_sends_what_the_control_plane_reads() -> None:

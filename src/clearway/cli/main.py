@@ -755,6 +755,8 @@ def production_branch(ctx: click.Context, app: str, branch: str | None) -> None:
         f"({rich_escape(changed['before'])} pushes make previews); what serves now keeps serving until the next push",
         markup=True,
     )
+    if changed["ended_previews"]:
+        out.print(f"the preview of {branch} ({', '.join(changed['ended_previews'])}) is torn down", markup=False)
 
 
 @cli.command()
@@ -767,7 +769,8 @@ def webhook(ctx: click.Context, app: str, repository: str | None, as_json: bool)
     """Create (or replace) APP's GitHub webhook and print what to paste into GitHub.
 
     Pushes to the production branch (main, or `clearway production-branch`)
-    deploy as canaries, other branches and pull requests become previews. The secret is shown only now; running this again makes a new one.
+    deploy as canaries, other branches and pull requests become previews. The
+    secret is shown only now; running this again makes a new one.
     GitHub must be able to reach the payload URL: expose the API's
     /v1/webhooks/ path through a reverse proxy or tunnel.
     """

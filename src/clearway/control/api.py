@@ -920,16 +920,18 @@ def create_api(
         async def set_production_branch(request: Request, name: str, body: ProductionBranchRequest) -> dict[str, Any]:
             """Choose the app's production branch, also before its first push.
 
-            It takes effect at the next push and stops nothing that runs (``control.git``).
+            It takes effect at the next push; what production serves keeps serving. A
+            running preview of the new branch is torn down (``ended_previews``): it
+            could never end otherwise, as the production branch cannot be deleted.
             """
             try:
                 check_name(name, "app name")
             except ValueError as exc:
                 raise APIError(422, str(exc)) from None
             before = store.production_branch(name)
-            await remote.set_production_branch(name, body.branch)
-            note(request, app=name, detail=f"{before} -> {body.branch}")
-            return {"app": name, "branch": body.branch, "before": before}
+            ended = await remote.set_production_branch(name, body.branch)
+            note(request, app=name, detail=f"{before} -> {body.branch}" + (f"; ended preview {', '.join(ended)}" if ended else ""))
+            return {"app": name, "branch": body.branch, "before": before, "ended_previews": ended}
 
         @api.get("/v1/apps/{name}/builds", dependencies=auth, tags=["apps"])
         async def list_builds(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> list[dict[str, Any]]:

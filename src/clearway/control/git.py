@@ -68,12 +68,13 @@ Deleting the branch (``git push clearway :feature-x``) tears the preview down
 (`Store.end_branch`). Deleting the production branch is refused. Tags and
 other refs are accepted and stored without building anything.
 
-**Choosing another production branch** takes effect at the next push, and
-changes nothing that runs: what production serves stays until the new branch
-is pushed, a preview of the new branch stays a preview until then, and the
-old branch's next push makes a preview. It also points the repository's HEAD
-at the new branch, so a ``git clone`` checks it out. It waits for a push in
-progress (the app's build lock), which read the branch when it began.
+**Choosing another production branch** takes effect at the next push:
+what production serves stays until the new branch is pushed, and the old
+branch's next push makes a preview. A running preview of the new branch is
+torn down at once: it could never end otherwise, since the production branch
+cannot be deleted. The repository's HEAD follows, so a ``git clone`` checks
+the new branch out. It waits for a push in progress (the app's build lock),
+which read the branch when it began.
 
 A push of several refs sends them one after the other; git's pre-receive
 hook is all or nothing, so one rejected ref rejects the whole push, but refs
@@ -266,19 +267,24 @@ class GitRemote:
             os.replace(tmp, hook)
         return path
 
-    async def set_production_branch(self, app: str, branch: str) -> None:
+    async def set_production_branch(self, app: str, branch: str) -> list[str]:
         """Make ``branch`` the one whose pushes go to ``app``'s production (see the module
-        docstring); `APIError` 422 for a name git would not take as a branch."""
-        code, _ = await self.run_git("check-ref-format", "--branch", branch)
-        if code != 0 or branch.startswith("-") or branch != branch.strip():
+        docstring); the preview revisions it tore down. `APIError` 422 for a name git
+        would not take as a branch."""
+        invalid = branch.startswith("-") or branch != branch.strip()
+        if invalid or (await self.run_git("check-ref-format", "--branch", branch))[0] != 0:
             raise APIError(422, f"{branch[:100]!r} is not a valid git branch name (see `git check-ref-format --help`)")
         async with self.serialised(app, lambda _: None):
             self.store.set_production_branch(app, branch)
+            ended = self.store.end_branch(app, branch, reason=f"{branch} became the production branch")
+            if ended:
+                self.reconciler.poke()
             path = self.repo(app)
             if (path / "HEAD").is_file():
                 code, out = await self.run_git("--git-dir", str(path), "symbolic-ref", "HEAD", f"refs/heads/{branch}")
                 if code != 0:
                     log.warning("could not point %s's HEAD at %s: %s", app, branch, out)
+        return ended
 
     async def head(self, app: str, ref: str) -> str:
         """The commit ``ref`` points at in the app's repository (`ZERO_SHA`: none)."""

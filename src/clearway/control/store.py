@@ -1065,8 +1065,9 @@ class Store:
                 return rev
         return None
 
-    def end_branch(self, app: str, branch: str) -> list[str]:
-        """Tear a preview down: retire every running revision of ``branch``; their ids."""
+    def end_branch(self, app: str, branch: str, *, reason: str | None = None) -> list[str]:
+        """Tear a preview down: retire every running revision of ``branch``; their ids.
+        ``reason`` is their error (default: the branch was deleted)."""
         states = tuple(s.value for s in RUNNING_STATES)
         with self.transaction() as db:
             rows = db.execute(
@@ -1077,7 +1078,7 @@ class Store:
             for rev_id in ids:
                 db.execute(
                     "UPDATE revisions SET state=?, error=? WHERE id=?",
-                    (RevisionState.RETIRED.value, f"preview {branch} was deleted", rev_id),
+                    (RevisionState.RETIRED.value, reason or f"preview {branch} was deleted", rev_id),
                 )
             if ids:
                 self._event(db, app, f"preview {branch} torn down ({', '.join(ids)})")
