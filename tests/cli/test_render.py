@@ -108,6 +108,9 @@ def test_the_plan_line_says_the_steps_what_each_needs_and_the_least_time() -> No
         "canary rollout: 2 smoke checks first, then 1% → 10% → 100%, each step at least 30m and 500 requests; "
         "promotes in 1h0m at the earliest"
     )
+    assert render.plan_line({**plan, "sticky": True}).endswith(
+        "promotes in 1m30s at the earliest; each browser stays on one side (sticky)"
+    )
 
 
 def test_a_running_rollout_shows_where_it_is_what_it_waits_for_and_its_timeline() -> None:

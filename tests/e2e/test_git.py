@@ -288,6 +288,7 @@ def test_an_app_may_choose_its_production_branch(platform: Platform, tmp_path: P
         capture_output=True, text=True, timeout=30,
     )
     assert head.stdout.strip() == "refs/heads/release", head
+    assert "pushes to release go to production; other branches make previews" in platform.cli("status", "rel").stdout
 
     # Back to main: main's preview is torn down (main could never be deleted to end it);
     # production keeps serving until the next push of main, which goes out as a canary.

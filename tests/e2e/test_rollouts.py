@@ -208,7 +208,8 @@ def test_a_sticky_rollout_keeps_each_browser_on_one_side(platform: Platform, tmp
     # A step that lasts: the split stays at 50/50 while the browsers look.
     policy = {**POLICY, "min_duration": 600, "sticky": True}
     platform.cli("deploy", str(project(tmp_path / "v1", "sticky", "v1", policy=policy)))
-    deploy_canary(platform, project(tmp_path / "v2", "sticky", "v2", policy=policy))
+    said = deploy_canary(platform, project(tmp_path / "v2", "sticky", "v2", policy=policy))
+    assert "at the earliest; each browser stays on one side (sticky)" in said, said
     url, host = f"http://127.0.0.1:{platform.port}/", {"host": "sticky.localhost"}
     # Clients without a cookie jar keep the per-request split (so each request here is a new client).
     deadline = time.monotonic() + 30

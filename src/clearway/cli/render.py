@@ -163,6 +163,9 @@ def app_detail(view: View) -> Group:
         )
     parts.append(revs)
     builds = view.get("builds") or []
+    branch = view.get("production_branch") or "main"
+    if builds or branch != "main":
+        parts.append(f"pushes to {escape(branch)} go to production; other branches make previews")
     if builds:
         table = Table("BUILD", "STARTED", "REF", "COMMIT", "STATUS", "REVISION", box=None, pad_edge=False)
         for build in sorted(builds, key=lambda b: int(b["number"]), reverse=True):
@@ -208,10 +211,11 @@ def plan_line(canary: View) -> str:
     steps = " → ".join(f"{s}%" for s in canary["steps"])
     checks = canary.get("smoke_checks") or []
     smoke = f"{len(checks)} smoke check{'s' if len(checks) != 1 else ''} first, then " if checks else ""
+    sticky = "; each browser stays on one side (sticky)" if canary.get("sticky") else ""
     return (
         f"canary rollout: {smoke}{steps}, each step at least {format_duration(canary['min_duration'])} "
         f"and {canary['min_requests']} requests; promotes in {format_duration(canary['minimum_seconds'])} "
-        "at the earliest"
+        f"at the earliest{sticky}"
     )
 
 

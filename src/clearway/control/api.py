@@ -219,6 +219,7 @@ def canary_plan(revision: Revision) -> dict[str, Any]:
         "min_requests": policy.min_requests,
         "minimum_seconds": policy.minimum_seconds,
         "smoke_checks": [c.name for c in revision.spec.smoke_checks],
+        "sticky": policy.sticky,
         "summary": describe_plan(revision),
     }
 
@@ -398,6 +399,7 @@ def create_api(
             "components": components,
             "rollout": rollout.to_json() if rollout else None,
             "previews": previews,
+            "production_branch": store.production_branch(name),
             "builds": [b.to_json() for b in builds],
             "revisions": [_revision_view(r, observed, rollout) for r in revisions],
             "replicas": [r.to_json() for r in backend.replicas(name)],

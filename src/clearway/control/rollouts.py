@@ -79,9 +79,11 @@ def describe_plan(revision: Revision) -> str:
     policy = revision.spec.canary
     steps = " → ".join(f"{s}%" for s in policy.steps)
     smoke = f"{len(revision.spec.smoke_checks)} smoke check(s) first, then " if revision.spec.smoke_checks else ""
+    sticky = "; each browser stays on one side (sticky)" if policy.sticky else ""
     return (
         f"canary rollout: {smoke}{steps}, each step at least {format_duration(policy.min_duration)} "
         f"and {policy.min_requests} requests; promotes in {format_duration(policy.minimum_seconds)} at the earliest"
+        f"{sticky}"
     )
 
 
