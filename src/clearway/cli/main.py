@@ -739,7 +739,8 @@ def production_branch(ctx: click.Context, app: str, branch: str | None) -> None:
     """Show APP's production branch, or make BRANCH the one whose pushes go to production.
 
     Pushes to it go out as canaries; every other branch is a preview. A change
-    applies from the next push and stops nothing that runs. Default: main.
+    applies from the next push: production keeps serving until then, and a
+    running preview of BRANCH is torn down. Default: main.
     """
     client = client_of(ctx)
     if branch is None:
