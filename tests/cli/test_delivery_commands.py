@@ -36,7 +36,7 @@ PLAN = (
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    """One platform for the module; app ``alpha`` is deployed by the first test."""
+    """One platform for the module (per xdist worker); app ``alpha`` is deployed by the first test."""
     root = tmp_path_factory.mktemp("delivery-commands")
     running = Platform(home=root / "home", port=free_port())
     running.up()
@@ -103,7 +103,10 @@ def test_canary_deploys_and_the_rollout_commands(platform: Platform, project: Pa
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_preview_scale_and_preview_configuration(platform: Platform, project: Path) -> None:
-    if not platform.status("alpha")["active_revision"]:  # run alone
+    # Alone, or on another xdist worker than the first test (each worker has its own
+    # module platform), alpha is not deployed yet.
+    shown = platform.cli("status", "alpha", "--json", check=False)
+    if shown.returncode != 0 or not json.loads(shown.stdout)["active_revision"]:
         platform.cli("deploy", str(project))
     scaled = platform.cli("scale", "alpha", "web=2", "--previews")
     assert "alpha/web: 2 replicas in each preview" in scaled.stdout, scaled
